@@ -1,0 +1,61 @@
+"""lorakit: LoRA and QLoRA fine-tuning for PyTorch and transformers models.
+
+Importing lorakit imports torch only; transformers, peft and bitsandbytes are loaded lazily by the
+functions that need them.
+"""
+
+from .config import LoraConfig
+from .errors import AdapterError, ConfigError, LorakitError, MergeError, TargetError
+from .model import (
+    active_adapter,
+    adapter_configs,
+    adapter_parameters,
+    adapter_per_row,
+    apply_lora,
+    count_parameters,
+    delete_adapter,
+    disable_adapters,
+    list_adapters,
+    lora_layers,
+    merge,
+    merge_and_unload,
+    merged_state_dict,
+    print_trainable_parameters,
+    remove_lora,
+    set_adapter,
+    unmerge,
+)
+from .targeting import Plan, PlanRow, parameter_line, plan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterError",
+    "ConfigError",
+    "LoraConfig",
+    "LorakitError",
+    "MergeError",
+    "Plan",
+    "PlanRow",
+    "TargetError",
+    "__version__",
+    "active_adapter",
+    "adapter_configs",
+    "adapter_parameters",
+    "adapter_per_row",
+    "apply_lora",
+    "count_parameters",
+    "delete_adapter",
+    "disable_adapters",
+    "list_adapters",
+    "lora_layers",
+    "merge",
+    "merge_and_unload",
+    "merged_state_dict",
+    "parameter_line",
+    "plan",
+    "print_trainable_parameters",
+    "remove_lora",
+    "set_adapter",
+    "unmerge",
+]

@@ -1,0 +1,299 @@
+"""``LoraLayer``: the one way a layer holds its adapters.
+
+A LoRA layer replaces a base layer (``nn.Linear``, ``nn.Embedding``, ...) in the model. It owns the
+base ``weight`` and ``bias`` under their original names, so the base model's state-dict keys do not
+change, and holds any number of adapters beside them:
+
+    lora_A[name]   (r, in)    starts random (kaiming-uniform or gaussian)
+    lora_B[name]   (out, r)   starts at zero, so the adapted layer starts equal to the base
+    h = base(x) + s · B A x   with s = alpha / r   (LoRA paper, section 4.1)
+
+One code path serves every use:
+
+* one active adapter: ``forward`` looks up one name, precomputed when the adapter is switched, and
+  adds its low-rank update (two small matmuls, the add fused into the second);
+* a batch whose rows use different adapters: adapters are stacked, padded to a common rank (the
+  padding rows are zero and contribute nothing) and each row gathers its own by index, one batched
+  matmul per layer instead of a loop over adapters (the idea of Punica's BGMV and S-LoRA);
+* several adapters trained at once: the same gathered path, with each adapter receiving gradient
+  only from its own rows.
+
+Subclasses say how the base computes (``base_forward``), how an input reaches rank ``r``
+(``lora_forward``) and how ``B A`` maps onto the base weight's layout (``delta_weight``).
+Merging is an explicit call and safe to repeat; ``train()``/``eval()``/``forward()`` never change
+weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import AdapterError, MergeError
+
+
+class LoraLayer(nn.Module):
+    """Base class of every LoRA layer; see the module docstring."""
+
+    #: short name of the base layer kind ("linear", "conv1d_gpt2", "embedding", "conv")
+    kind: str = ""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.weight = base.weight
+        self.register_parameter("bias", getattr(base, "bias", None))
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.r: dict[str, int] = {}
+        self.alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.dropout: dict[str, float] = {}
+        self.active_adapter: str | None = None
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        # What forward adds: the name of one adapter, or None for the base alone. Derived from
+        # active/merged/disabled by _update_route(), so forward pays one attribute read.
+        self._route: str | None = None
+        # Per-row adapter slots for a mixed batch (0 = base); None outside adapter_per_row().
+        self._row_slots: torch.Tensor | None = None
+        # The base module, kept without its tensors, to give back on unload (same class, hooks,
+        # attributes). Not registered: it is not part of the module tree or the state dict.
+        base._parameters["weight"] = None
+        if "bias" in base._parameters:
+            base._parameters["bias"] = None
+        object.__setattr__(self, "_shell", base)
+
+    # -- what subclasses provide ---------------------------------------------------------------
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover - every subclass defines it
+
+    def lora_forward(
+        self, x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float
+    ) -> torch.Tensor:
+        """``out + s · B A x`` for one adapter; ``x`` already passed through dropout."""
+        raise NotImplementedError  # pragma: no cover
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``s · B A`` in float32, laid out like ``self.weight``."""
+        raise NotImplementedError  # pragma: no cover
+
+    def adapter_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of ``lora_A`` and ``lora_B`` for rank ``r``."""
+        raise NotImplementedError  # pragma: no cover
+
+    def effective_B(self, name: str) -> torch.Tensor:
+        """The ``B`` the math uses; a fused-slice layer expands its compact B here."""
+        return self.lora_B[name]
+
+    def init_adapter(self, a: torch.Tensor, b: torch.Tensor, init: str, r: int) -> None:
+        """A random, B zero (LoRA paper 4.1; kaiming-uniform with a=sqrt(5) as PEFT does)."""
+        if init == "gaussian":
+            nn.init.normal_(a, std=1.0 / r)
+        else:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        nn.init.zeros_(b)
+
+    # -- adapters ------------------------------------------------------------------------------
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    def add_adapter(
+        self,
+        name: str,
+        r: int,
+        alpha: float,
+        scaling: float,
+        dropout: float = 0.0,
+        init: str = "kaiming",
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if name in self.lora_A:
+            raise AdapterError(f"{self._where()}: adapter {name!r} already exists")
+        dtype = dtype or self.weight.dtype
+        if not dtype.is_floating_point:
+            dtype = torch.float32
+        shape_a, shape_b = self.adapter_shapes(r)
+        device = self.weight.device
+        a = nn.Parameter(torch.empty(shape_a, device=device, dtype=dtype))
+        b = nn.Parameter(torch.empty(shape_b, device=device, dtype=dtype))
+        if device.type != "meta":
+            with torch.no_grad():
+                self.init_adapter(a, b, init, r)
+        self.lora_A[name] = a
+        self.lora_B[name] = b
+        self.r[name], self.alpha[name], self.scaling[name] = r, alpha, scaling
+        self.dropout[name] = float(dropout)
+
+    def delete_adapter(self, name: str) -> None:
+        self._require(name)
+        if name in self.merged_adapters:
+            raise MergeError(f"{self._where()}: adapter {name!r} is merged; unmerge it first")
+        del self.lora_A[name], self.lora_B[name]
+        for table in (self.r, self.alpha, self.scaling, self.dropout):
+            del table[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+        self._update_route()
+
+    def set_adapter(self, name: str | None) -> None:
+        """Make ``name`` the adapter forward adds (None: none). A layer without it adds none."""
+        if self.merged_adapters and name not in (None, *self.merged_adapters):
+            raise MergeError(
+                f"{self._where()}: adapter(s) {self.merged_adapters} are merged into the weight; "
+                f"unmerge before switching to {name!r}"
+            )
+        self.active_adapter = name if name in self.lora_A else None
+        self._update_route()
+
+    def _update_route(self) -> None:
+        name = self.active_adapter
+        if self.disabled or name is None or name in self.merged_adapters:
+            self._route = None
+        else:
+            self._route = name
+
+    def _require(self, name: str) -> None:
+        if name not in self.lora_A:
+            known = ", ".join(self.adapter_names) or "none"
+            raise AdapterError(f"{self._where()}: no adapter {name!r} (adapters here: {known})")
+
+    def _where(self) -> str:
+        return getattr(self, "_path", None) or type(self).__name__
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_forward(x)
+        if self._row_slots is not None:
+            return self._forward_rows(x, out)
+        name = self._route
+        if name is None:
+            return out
+        a = self.lora_A[name]
+        p = self.dropout[name]
+        if p > 0.0 and self.training:
+            x = F.dropout(x, p, True)
+        return self.lora_forward(x, out, a, self.effective_B(name), self.scaling[name])
+
+    # -- mixed batches -------------------------------------------------------------------------
+    def slot_of(self, name: str | None) -> int:
+        """Row slot of an adapter in this layer's stack: 0 = base, i + 1 = i-th adapter."""
+        if name is None or name not in self.lora_A or self.disabled:
+            return 0
+        return self.adapter_names.index(name) + 1
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All adapters stacked and zero-padded to a common rank, slot 0 a zero adapter.
+
+        Returns ``A`` (n + 1, R, *a_rest) and ``B`` (n + 1, out, R) with each adapter's scale
+        folded into its B. Built from the parameters (differentiable), so the same stack serves
+        inference and training several adapters at once.
+        """
+        names = self.adapter_names
+        rank = max(self.lora_A[n].shape[0] for n in names)
+        a0 = self.lora_A[names[0]]
+        b0 = self.effective_B(names[0])
+        zero_a = a0.new_zeros((rank, *a0.shape[1:]))
+        zero_b = b0.new_zeros((b0.shape[0], rank, *b0.shape[2:]))
+        a_list, b_list = [zero_a], [zero_b]
+        for n in names:
+            a, b = self.lora_A[n], self.effective_B(n) * self.scaling[n]
+            pad = rank - a.shape[0]
+            if pad:
+                a = torch.cat([a, a.new_zeros((pad, *a.shape[1:]))], 0)
+                b = torch.cat([b, b.new_zeros((b.shape[0], pad, *b.shape[2:]))], 1)
+            a_list.append(a)
+            b_list.append(b)
+        return torch.stack(a_list), torch.stack(b_list)
+
+    def _forward_rows(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Mixed batch: each row adds the adapter of its slot (a gathered batched matmul)."""
+        slots = self._row_slots
+        if slots.shape[0] != x.shape[0]:
+            raise AdapterError(
+                f"{self._where()}: adapter_per_row was given {slots.shape[0]} names but the batch "
+                f"has {x.shape[0]} rows"
+            )
+        if not self.adapter_names or bool((slots == 0).all()):
+            return out
+        if self.training and any(p > 0 for p in self.dropout.values()):
+            # per-row dropout probabilities: drop with each row's own p
+            probs = torch.tensor([0.0, *self.dropout.values()], device=x.device)[slots]
+            keep = 1.0 - probs.view(-1, *([1] * (x.dim() - 1)))
+            mask = torch.rand_like(x, dtype=torch.float32) < keep
+            x = x * mask.to(x.dtype) / keep.to(x.dtype)
+        a, b = self.stacked()
+        return self.rows_forward(x, out, a[slots], b[slots])
+
+    def rows_forward(
+        self, x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor
+    ) -> torch.Tensor:
+        """``out[i] + B_i A_i x[i]`` per row for linear-like layers; a (N, R, in), b (N, out, R)."""
+        n = x.shape[0]
+        xs = x.reshape(n, -1, x.shape[-1]).to(a.dtype)  # (N, tokens, in)
+        xa = torch.bmm(xs, a.transpose(1, 2))  # (N, tokens, R)
+        flat = out.reshape(n, -1, out.shape[-1])
+        delta = torch.bmm(xa, b.transpose(1, 2))  # (N, tokens, out)
+        return (flat + delta.to(out.dtype)).view(out.shape)
+
+    # -- merging -------------------------------------------------------------------------------
+    def merge(self, name: str | None = None) -> bool:
+        """Fold ``s · B A`` of the active adapter (or ``name``) into the weight. Repeat: no-op.
+
+        The delta is computed in float32 and cast to the weight's dtype once. A merge that would
+        write a non-finite value raises :class:`MergeError` and leaves the weight unchanged.
+        Returns whether the weight changed.
+        """
+        name = name or self.active_adapter
+        if name is None:
+            return False
+        self._require(name)
+        if name in self.merged_adapters:
+            return False
+        if self._row_slots is not None:
+            raise MergeError(f"{self._where()}: cannot merge inside adapter_per_row()")
+        with torch.no_grad():
+            new = self.weight.float() + self.delta_weight(name).to(self.weight.device)
+            self._check_finite(new, f"merging adapter {name!r}")
+            self.weight.copy_(new.to(self.weight.dtype))
+        self.merged_adapters.append(name)
+        self._update_route()
+        return True
+
+    def unmerge(self) -> bool:
+        """Subtract every merged adapter's delta again (exact up to float rounding)."""
+        changed = False
+        with torch.no_grad():
+            while self.merged_adapters:
+                name = self.merged_adapters[-1]
+                new = self.weight.float() - self.delta_weight(name).to(self.weight.device)
+                self._check_finite(new, f"unmerging adapter {name!r}")
+                self.weight.copy_(new.to(self.weight.dtype))
+                self.merged_adapters.pop()
+                changed = True
+        self._update_route()
+        return changed
+
+    def _check_finite(self, new: torch.Tensor, what: str) -> None:
+        if not bool(torch.isfinite(new).all()):
+            bad = int((~torch.isfinite(new)).sum())
+            raise MergeError(
+                f"{self._where()}: {what} would write {bad} non-finite value(s) into the "
+                f"{self.weight.dtype} weight; the weight was left unchanged"
+            )
+
+    def unload(self) -> nn.Module:
+        """The base module again (its own class), holding this layer's current weight and bias."""
+        shell = self._shell
+        shell._parameters["weight"] = self.weight
+        if "bias" in shell._parameters:
+            shell._parameters["bias"] = self.bias
+        return shell
+
+    def extra_repr(self) -> str:
+        items = ", ".join(f"{n}: r={self.r[n]}" for n in self.adapter_names)
+        state = f", merged={self.merged_adapters}" if self.merged_adapters else ""
+        return f"adapters=[{items}], active={self.active_adapter!r}{state}"

@@ -1,0 +1,125 @@
+"""LoRA on linear maps: ``nn.Linear``, transformers' GPT-2 ``Conv1D``, and fused projections.
+
+Shapes: x (..., in) -> A x (..., r) -> B A x (..., out).
+
+* ``LoraLinear`` wraps ``nn.Linear`` (weight (out, in)).
+* ``LoraConv1D`` wraps transformers' ``Conv1D`` (GPT-2), whose weight is stored transposed,
+  (in, out) ("fan-in-fan-out"); the adapter is the same, only the merge transposes.
+* Either may be *fused-sliced*: a fused projection such as GPT-2's ``c_attn`` (q, k, v stacked on the
+  output axis) is split into k equal output slices and only some get an adapter, each with its own
+  rank-r pair (loralib's MergedLinear; LoRA paper, GPT-2 experiments adapt q and v only). The slice
+  adapters are stored compactly, ``A`` (m·r, in) and ``B`` (m·out/k, r) for m adapted slices, and
+  expanded into one block matrix ``B`` (out, m·r) for the math, so a fused layer uses the same code
+  path as any other.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import LoraLayer
+
+
+def _add_low_rank(
+    x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float
+) -> torch.Tensor:
+    """``out + s · (x Aᵀ) Bᵀ``, with the add and the scale fused into one GEMM where possible."""
+    if x.dtype != a.dtype:
+        x = x.to(a.dtype)
+    xa = F.linear(x, a)  # (..., r)
+    if out.dtype == xa.dtype and out.dim() >= 2 and out.is_contiguous():
+        flat = torch.addmm(
+            out.reshape(-1, out.shape[-1]), xa.reshape(-1, xa.shape[-1]), b.t(), alpha=s
+        )
+        return flat.view(out.shape)
+    return out + (F.linear(xa, b) * s).to(out.dtype)
+
+
+class _LinearLike(LoraLayer):
+    """Shared by both linear kinds: the adapter math, fused slices, shapes."""
+
+    in_features: int
+    out_features: int
+
+    def __init__(self, base: nn.Module, in_features: int, out_features: int, slices=None) -> None:
+        super().__init__(base)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.slices: tuple[bool, ...] | None = tuple(slices) if slices else None
+        if self.slices is not None:
+            k = len(self.slices)
+            self._slice_size = out_features // k
+            self._n_sliced = sum(self.slices)
+
+    def adapter_shapes(self, r: int):
+        if self.slices is None:
+            return (r, self.in_features), (self.out_features, r)
+        m = self._n_sliced
+        return (m * r, self.in_features), (m * self._slice_size, r)
+
+    def init_adapter(self, a, b, init, r):
+        if self.slices is None:
+            return super().init_adapter(a, b, init, r)
+        for part in a.split(r, 0):  # each slice adapter initialised as its own (r, in) matrix
+            super().init_adapter(part, b, init, r)
+
+    def effective_B(self, name: str) -> torch.Tensor:
+        b = self.lora_B[name]
+        if self.slices is None:
+            return b
+        # (m·out/k, r) -> block diagonal (m·out/k, m·r) -> zero rows for slices left alone
+        block = torch.block_diag(*b.split(self._slice_size, 0))
+        rows, parts = 0, []
+        for enabled in self.slices:
+            if enabled:
+                parts.append(block[rows : rows + self._slice_size])
+                rows += self._slice_size
+            else:
+                parts.append(block.new_zeros(self._slice_size, block.shape[1]))
+        return torch.cat(parts, 0)  # (out, m·r)
+
+    def lora_forward(self, x, out, a, b, s):
+        return _add_low_rank(x, out, a, b, s)
+
+    def _delta_out_in(self, name: str) -> torch.Tensor:
+        """``s · B A`` as (out, in), float32."""
+        a = self.lora_A[name].float()
+        b = self.effective_B(name).float()
+        return (b @ a) * self.scaling[name]
+
+
+class LoraLinear(_LinearLike):
+    """LoRA around ``nn.Linear``: ``y = x Wᵀ + bias + s · (x Aᵀ) Bᵀ``."""
+
+    kind = "linear"
+
+    def __init__(self, base: nn.Linear, slices=None) -> None:
+        super().__init__(base, base.in_features, base.out_features, slices)
+
+    def base_forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+    def delta_weight(self, name):
+        return self._delta_out_in(name)
+
+
+class LoraConv1D(_LinearLike):
+    """LoRA around transformers' ``Conv1D`` (GPT-2): weight (in, out), ``y = x W + bias``."""
+
+    kind = "conv1d_gpt2"
+
+    def __init__(self, base: nn.Module, slices=None) -> None:
+        in_features, out_features = base.weight.shape
+        super().__init__(base, in_features, out_features, slices)
+
+    def base_forward(self, x):
+        shape = x.shape[:-1] + (self.out_features,)
+        flat = x.reshape(-1, x.shape[-1])
+        if self.bias is None:
+            return torch.mm(flat, self.weight).view(shape)
+        return torch.addmm(self.bias, flat, self.weight).view(shape)
+
+    def delta_weight(self, name):
+        return self._delta_out_in(name).t()

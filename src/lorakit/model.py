@@ -1,0 +1,373 @@
+"""The model-level API: apply, switch, merge, unmerge, unload and disable adapters.
+
+Everything here walks the model for lorakit's own layers (found by type, never by a substring of a
+parameter name) and calls their methods; the adapter math lives in ``lorakit.layers``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from . import layers as L
+from .config import LoraConfig
+from .errors import AdapterError, MergeError, gather
+from .targeting import parameter_line, plan
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]{0,99}")
+_CONFIGS = "lorakit_configs"  # attribute on the adapted model: {adapter name: LoraConfig}
+
+
+def check_adapter_name(name: object) -> str:
+    """Adapter names are also directory and state-dict key parts: letters, digits, ``_`` and ``-``."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise AdapterError(
+            f"adapter name {name!r} is not allowed: use 1-100 letters, digits, '_' or '-' "
+            "(no dots, slashes or spaces), not starting with '-'"
+        )
+    return name
+
+
+def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
+    """The configs of the adapters on a model, by name, in the order they were added."""
+    return dict(getattr(model, _CONFIGS, {}))
+
+
+def list_adapters(model: nn.Module) -> list[str]:
+    return list(adapter_configs(model))
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, L.LoraLayer]]:
+    """(path, layer) for every LoRA layer in the model."""
+    for path, module in model.named_modules():
+        if isinstance(module, L.LoraLayer):
+            yield path, module
+
+
+def _wrappers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    for path, module in model.named_modules():
+        if isinstance(module, (L.LoraLayer, L.SavedModule)):
+            yield path, module
+
+
+def adapter_parameters(model: nn.Module, adapter_name: str | None = None) -> Iterator[nn.Parameter]:
+    """The parameters that belong to adapters (all, or one adapter's): A, B and saved copies."""
+    for _, module in _wrappers(model):
+        if isinstance(module, L.LoraLayer):
+            names = module.adapter_names if adapter_name is None else [adapter_name]
+            for n in names:
+                if n in module.lora_A:
+                    yield module.lora_A[n]
+                    yield module.lora_B[n]
+        else:
+            for n, copy in module.modules_to_save.items():
+                if adapter_name is None or n == adapter_name:
+                    yield from copy.parameters()
+
+
+def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, new)
+
+
+def apply_lora(
+    model: nn.Module,
+    config: LoraConfig,
+    adapter_name: str = "default",
+    *,
+    adapter_dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """Add a LoRA adapter to ``model`` in place, freeze every base parameter, return the model.
+
+    The targeted modules are replaced by LoRA layers that keep the base's state-dict keys
+    (``q_proj.weight`` stays ``q_proj.weight``); adapters are added beside them as
+    ``q_proj.lora_A.<adapter_name>`` (r, in) and ``q_proj.lora_B.<adapter_name>`` (out, r).
+    Applying a second adapter adds it beside the first (layers are reused) and makes it active.
+
+    Adapters live in the base weight's dtype, except on float16/bfloat16 bases where they are kept
+    in float32 for stable training (override with ``adapter_dtype``). If the model itself is the
+    only targeted layer (a bare ``nn.Linear``), the returned object is its LoRA replacement.
+    Raises ``TargetError`` if a target matches nothing, naming the closest module names.
+    """
+    check_adapter_name(adapter_name)
+    configs = adapter_configs(model)
+    if adapter_name in configs:
+        raise AdapterError(f"the model already has an adapter named {adapter_name!r}")
+    the_plan = plan(model, config)
+    root = model
+    new_layers = []
+    for row in the_plan.rows:
+        module = root.get_submodule(row.path) if row.path else root
+        if isinstance(module, L.LoraLayer):
+            layer = module
+        else:
+            layer = L.wrap(module, row.kind, row.slices)
+            layer._path = row.path
+            if row.path:
+                _replace(root, row.path, layer)
+            else:
+                root = layer
+        dtype = adapter_dtype
+        if dtype is None and layer.weight.dtype in (torch.float16, torch.bfloat16):
+            dtype = torch.float32
+        layer.add_adapter(
+            adapter_name, row.r, row.alpha, row.scaling, config.dropout, config.init, dtype
+        )
+        new_layers.append(layer)
+    for path, _ in the_plan.saved:
+        module = root.get_submodule(path)
+        if not isinstance(module, L.SavedModule):
+            module = L.SavedModule(module)
+            _replace(root, path, module)
+        module.add_adapter(adapter_name)
+
+    # Freeze everything that is not an adapter; then the bias mode opens some biases again.
+    adapter_ids = {id(p) for p in adapter_parameters(root)}
+    for p in root.parameters():
+        if id(p) not in adapter_ids:
+            p.requires_grad_(False)
+    for p in adapter_parameters(root, adapter_name):
+        p.requires_grad_(True)
+    if config.bias == "all":
+        for module in root.modules():
+            if module._parameters.get("bias") is not None:
+                module.bias.requires_grad_(True)
+    elif config.bias == "lora_only":
+        for layer in new_layers:
+            if layer.bias is not None:
+                layer.bias.requires_grad_(True)
+
+    configs[adapter_name] = config
+    setattr(root, _CONFIGS, configs)
+    set_adapter(root, adapter_name)
+    return root
+
+
+def set_adapter(model: nn.Module, adapter_name: str | None) -> None:
+    """Make ``adapter_name`` the adapter every layer adds (None: none, the base alone)."""
+    if adapter_name is not None and adapter_name not in adapter_configs(model):
+        known = ", ".join(adapter_configs(model)) or "none"
+        raise AdapterError(f"no adapter named {adapter_name!r} (adapters: {known})")
+    for _, module in _wrappers(model):
+        module.set_adapter(adapter_name)
+
+
+def active_adapter(model: nn.Module) -> str | None:
+    """The adapter forward adds, or None."""
+    for _, module in _wrappers(model):
+        if module.active_adapter is not None:
+            return module.active_adapter
+    return None
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
+    """Remove an adapter and free its parameters; layers left with no adapter become plain again."""
+    configs = adapter_configs(model)
+    if adapter_name not in configs:
+        known = ", ".join(configs) or "none"
+        raise AdapterError(f"no adapter named {adapter_name!r} (adapters: {known})")
+    for path, module in list(_wrappers(model)):
+        if adapter_name in module.adapter_names:
+            module.delete_adapter(adapter_name)
+        if not module.adapter_names:
+            if not path:
+                model = module.unload()
+                continue
+            _replace(model, path, module.unload())
+    del configs[adapter_name]
+    setattr(model, _CONFIGS, configs)
+    return model
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block the model computes exactly the base output (no adapter, original heads).
+
+    Refuses while an adapter is merged into the weights (the base output would need an unmerge,
+    which changes weights: call ``unmerge`` first).
+    """
+    merged = [p for p, layer in lora_layers(model) if layer.merged_adapters]
+    if merged:
+        raise MergeError(
+            f"cannot disable adapters while merged into {len(merged)} module(s) "
+            f"({', '.join(merged[:3])}{', ...' if len(merged) > 3 else ''}); call unmerge first"
+        )
+    modules = [m for _, m in _wrappers(model)]
+    before = [m.disabled for m in modules]
+    try:
+        for m in modules:
+            m.disabled = True
+            m._update_route()
+        yield model
+    finally:
+        for m, state in zip(modules, before, strict=True):
+            m.disabled = state
+            m._update_route()
+
+
+@contextlib.contextmanager
+def adapter_per_row(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
+    """Within the block, row ``i`` of every batch uses adapter ``names[i]`` (None: the base).
+
+    Each layer gathers its rows' adapters from a stack padded to a common rank and adds them in one
+    batched matmul. Adapters may differ in rank and in the modules they target (a layer without a
+    row's adapter adds nothing for that row). Works for training: each adapter gets gradient only
+    from its own rows.
+    """
+    configs = adapter_configs(model)
+    unknown = sorted({n for n in names if n is not None and n not in configs})
+    if unknown:
+        raise AdapterError(
+            f"adapter_per_row: unknown adapter(s) {unknown}; adapters: {', '.join(configs)}"
+        )
+    layers = list(lora_layers(model))
+    merged = [p for p, layer in layers if layer.merged_adapters]
+    if merged:
+        raise MergeError(f"adapter_per_row needs unmerged adapters; {merged[0]} is merged")
+    saved = [m for _, m in _wrappers(model) if isinstance(m, L.SavedModule)]
+    try:
+        for _, layer in layers:
+            slots = [layer.slot_of(n) for n in names]
+            layer._row_slots = torch.tensor(slots, dtype=torch.long, device=layer.weight.device)
+        for m in saved:
+            m._row_names = list(names)
+        yield model
+    finally:
+        for _, layer in layers:
+            layer._row_slots = None
+        for m in saved:
+            m._row_names = None
+
+
+def _merge_targets(model: nn.Module, adapter_name: str | None) -> list[tuple[str, L.LoraLayer]]:
+    if adapter_name is not None and adapter_name not in adapter_configs(model):
+        raise AdapterError(f"no adapter named {adapter_name!r}")
+    return list(lora_layers(model))
+
+
+def merge(model: nn.Module, adapter_name: str | None = None) -> list[str]:
+    """Fold the active adapter (or ``adapter_name``) into the base weights; returns changed paths.
+
+    ``W' = W + s · B A``, computed in float32 and cast once to the weight's dtype. Merging again is
+    a no-op. Every layer is checked before any weight is written: if a merge would produce a
+    non-finite value, ``MergeError`` names the module and nothing is changed.
+    """
+    layers = _merge_targets(model, adapter_name)
+    problems = []
+    work = []
+    for path, layer in layers:
+        name = adapter_name or layer.active_adapter
+        if name is None or name not in layer.lora_A or name in layer.merged_adapters:
+            continue
+        with torch.no_grad():
+            new = layer.weight.float() + layer.delta_weight(name).to(layer.weight.device)
+            if not bool(torch.isfinite(new).all()):
+                problems.append(f"{path}: merging {name!r} would write non-finite values")
+            elif layer.weight.dtype != torch.float32 and not bool(
+                torch.isfinite(new.to(layer.weight.dtype)).all()
+            ):
+                problems.append(
+                    f"{path}: merging {name!r} overflows {layer.weight.dtype} (values beyond its range)"
+                )
+        work.append((path, layer, name))
+    gather(problems, MergeError, "merge refused, no weight was changed")
+    changed = []
+    for path, layer, name in work:
+        if layer.merge(name):
+            changed.append(path)
+    return changed
+
+
+def unmerge(model: nn.Module) -> list[str]:
+    """Subtract every merged adapter from the base weights again; returns changed paths."""
+    return [path for path, layer in lora_layers(model) if layer.unmerge()]
+
+
+def merge_and_unload(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
+    """Merge the active adapter and give back plain torch modules: no lorakit class is left.
+
+    Each LoRA layer is replaced by its original module (same class) holding the merged weight;
+    a saved module (``modules_to_save``) by the adapter's trained copy.
+    """
+    if adapter_name is not None:
+        set_adapter(model, adapter_name)
+    merge(model)
+    return _unload(model)
+
+
+def remove_lora(model: nn.Module) -> nn.Module:
+    """Remove every adapter (unmerging first) and give back the base model's own modules."""
+    unmerge(model)
+    set_adapter(model, None)
+    return _unload(model)
+
+
+def _unload(model: nn.Module) -> nn.Module:
+    for path, module in reversed(list(_wrappers(model))):
+        if isinstance(module, L.SavedModule):
+            plain = module.unload()
+        else:
+            plain = module.unload()
+        if not path:
+            model = plain
+        else:
+            _replace(model, path, plain)
+    if _CONFIGS in model.__dict__:
+        del model.__dict__[_CONFIGS]
+    return model
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's state dict with the active adapter folded in; the model is not changed.
+
+    Keys are the base model's own (LoRA layers keep them; a saved module contributes its active
+    trained copy under the original path), so ``base.load_state_dict(merged_state_dict(m))`` on a
+    fresh base gives the merged model.
+    """
+    out: dict[str, torch.Tensor] = {}
+    wrappers = dict(_wrappers(model))
+    skip = tuple(f"{p}." for p in wrappers if p)
+    for key, value in model.state_dict().items():
+        if not skip or not key.startswith(skip):
+            out[key] = value
+    for path, module in wrappers.items():
+        prefix = f"{path}." if path else ""
+        if isinstance(module, L.SavedModule):
+            for k, v in module.unload().state_dict().items():
+                out[prefix + k] = v
+            continue
+        weight = module.weight.detach()
+        name = module._route
+        if name is not None:
+            merged = weight.float() + module.delta_weight(name).to(weight.device)
+            weight = merged.to(weight.dtype)
+        out[prefix + "weight"] = weight
+        if module.bias is not None:
+            out[prefix + "bias"] = module.bias.detach()
+    return out
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters, each shared tensor counted once."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> str:
+    """Print and return ``trainable 65,536 / 16,842,752 (0.39%)``."""
+    line = parameter_line(*count_parameters(model))
+    print(line)
+    return line
