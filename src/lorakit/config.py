@@ -1,8 +1,8 @@
 """``LoraConfig``: what to adapt and how, as a small frozen, validated dataclass.
 
 The library never mutates a config; lists and dicts handed in are copied into tuples and read-only
-mappings. Every wrong value is reported at construction, all problems at once, each naming the field,
-the value and what is allowed. ``to_peft_dict`` / ``from_peft_dict`` translate to and from the keys
+mappings. Every wrong value is reported at construction, all problems at once, each naming the
+field, the value and what is allowed. ``to_peft_dict`` / ``from_peft_dict`` translate to and from the keys
 of PEFT's ``adapter_config.json``.
 """
 
@@ -214,7 +214,7 @@ class LoraConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LoraConfig:
-        """Build from lorakit's own field names; an unknown key is an error listing the valid ones."""
+        """Build from lorakit's own field names; an unknown key is an error listing valid ones."""
         valid = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(data) - set(valid))
         if unknown:

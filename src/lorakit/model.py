@@ -23,7 +23,7 @@ _CONFIGS = "lorakit_configs"  # attribute on the adapted model: {adapter name: L
 
 
 def check_adapter_name(name: object) -> str:
-    """Adapter names are also directory and state-dict key parts: letters, digits, ``_`` and ``-``."""
+    """Adapter names are also directory and state-dict key parts: letters, digits, ``_``, ``-``."""
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise AdapterError(
             f"adapter name {name!r} is not allowed: use 1-100 letters, digits, '_' or '-' "
@@ -272,7 +272,8 @@ def merge(model: nn.Module, adapter_name: str | None = None) -> list[str]:
                 torch.isfinite(new.to(layer.weight.dtype)).all()
             ):
                 problems.append(
-                    f"{path}: merging {name!r} overflows {layer.weight.dtype} (values beyond its range)"
+                    f"{path}: merging {name!r} overflows {layer.weight.dtype} "
+                    "(values beyond its range)"
                 )
         work.append((path, layer, name))
     gather(problems, MergeError, "merge refused, no weight was changed")

@@ -2,7 +2,8 @@
 
 A classifier head on a new task must train in full. The original module is kept, frozen, and each
 adapter gets its own trainable copy, so switching or disabling adapters switches the head too.
-State-dict keys follow PEFT: ``<path>.original_module.*`` and ``<path>.modules_to_save.<adapter>.*``.
+State-dict keys follow PEFT: ``<path>.original_module.*`` and
+``<path>.modules_to_save.<adapter>.*``.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class SavedModule(nn.Module):
         self._route = None if self.disabled else self.active_adapter
 
     def unload(self) -> nn.Module:
-        """The module to keep after merging: the active adapter's trained copy, else the original."""
+        """The module kept after a merge: the active adapter's trained copy, else the original."""
         name = self.active_adapter
         return self.modules_to_save[name] if name is not None else self.original_module
 
