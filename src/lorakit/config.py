@@ -2,8 +2,8 @@
 
 The library never mutates a config; lists and dicts handed in are copied into tuples and read-only
 mappings. Every wrong value is reported at construction, all problems at once, each naming the
-field, the value and what is allowed. ``to_peft_dict`` / ``from_peft_dict`` translate to and from the keys
-of PEFT's ``adapter_config.json``.
+field, the value and what is allowed. ``to_peft_dict`` / ``from_peft_dict`` translate to and
+from the keys of PEFT's ``adapter_config.json``.
 """
 
 from __future__ import annotations

@@ -5,12 +5,12 @@ Shapes: x (..., in) -> A x (..., r) -> B A x (..., out).
 * ``LoraLinear`` wraps ``nn.Linear`` (weight (out, in)).
 * ``LoraConv1D`` wraps transformers' ``Conv1D`` (GPT-2), whose weight is stored transposed,
   (in, out) ("fan-in-fan-out"); the adapter is the same, only the merge transposes.
-* Either may be *fused-sliced*: a fused projection such as GPT-2's ``c_attn`` (q, k, v stacked on
-  the output axis) is split into k equal output slices and only some get an adapter, each with its own
-  rank-r pair (loralib's MergedLinear; LoRA paper, GPT-2 experiments adapt q and v only). The slice
-  adapters are stored compactly, ``A`` (m·r, in) and ``B`` (m·out/k, r) for m adapted slices, and
-  expanded into one block matrix ``B`` (out, m·r) for the math, so a fused layer uses the same code
-  path as any other.
+* Either may be *fused-sliced*: a fused projection such as GPT-2's ``c_attn`` (q, k, v stacked
+  on the output axis) is split into k equal output slices and only some get an adapter, each with
+  its own rank-r pair (loralib's MergedLinear; the LoRA paper's GPT-2 experiments adapt q and v
+  only). The slice adapters are stored compactly, ``A`` (m·r, in) and ``B`` (m·out/k, r) for m
+  adapted slices, and expanded into one block matrix ``B`` (out, m·r) for the math, so a fused
+  layer uses the same code path as any other.
 """
 
 from __future__ import annotations
