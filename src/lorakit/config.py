@@ -334,7 +334,7 @@ def _names(field: str, value: Any, problems: list[str]) -> str | tuple[str, ...]
         if bad or not items:
             problems.append(f"{field}={value!r}: expected a non-empty list of module names")
             return tuple(v for v in items if isinstance(v, str))
-        return tuple(dict.fromkeys(items))
+        return tuple(sorted(set(items)))
     problems.append(f"{field}={value!r}: expected a string or a list of module names")
     return None
 
