@@ -88,7 +88,9 @@ def load_model(
     model = AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=dtype, local_files_only=True
     )
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(
+        path.parent, gguf_file=path.name, local_files_only=True
+    )
     if use_cache:
         _write_cache(model, tokenizer, cached)
     return model, tokenizer
