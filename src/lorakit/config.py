@@ -191,6 +191,16 @@ class LoraConfig:
         set_(self, "fused_slices", _frozen_map(frozen))
         gather(problems, ConfigError, "invalid LoraConfig")
 
+    # A config is immutable: copies may share it; pickling rebuilds (and re-validates) it.
+    def __copy__(self) -> LoraConfig:
+        return self
+
+    def __deepcopy__(self, memo: dict) -> LoraConfig:
+        return self
+
+    def __reduce__(self):
+        return (_rebuild, (self.to_dict(),))
+
     # ----------------------------------------------------------------------------------------------
     def scaling(self, r: int, alpha: float) -> float:
         """The factor ``s`` the update ``B A x`` is multiplied by, for a given rank and alpha."""
@@ -318,6 +328,10 @@ class LoraConfig:
             return cls(**mapped)
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
+
+
+def _rebuild(fields: dict[str, Any]) -> LoraConfig:
+    return LoraConfig(**fields)
 
 
 def _names(field: str, value: Any, problems: list[str]) -> str | tuple[str, ...] | None:
