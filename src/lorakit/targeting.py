@@ -191,9 +191,15 @@ def plan(model: nn.Module, config: LoraConfig) -> Plan:
                 hits = [(p, m) for p, m in modules if p and suffix_match(p, entry)]
                 what = f"target_modules entry {entry!r}"
             if not hits:
-                problems.append(
-                    f"{what} matches no module{_closest(entry.split('.')[-1], modules)}"
-                )
+                hint = _closest(entry.split(".")[-1], modules)
+                if isinstance(targets, str) and any(
+                    p and suffix_match(p, entry) for p, _ in modules
+                ):
+                    hint = (
+                        "; a single string is a regular expression over the whole module path: "
+                        f"write [{entry!r}] to match modules by name"
+                    )
+                problems.append(f"{what} matches no module{hint}")
                 continue
             for path, module in hits:
                 kind, reason = L.kind_of(module)
