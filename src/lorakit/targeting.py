@@ -246,6 +246,9 @@ def plan(model: nn.Module, config: LoraConfig) -> Plan:
             if not any(pattern_match(p, key) for p in chosen):
                 problems.append(f"{field} key {key!r} matches no targeted module")
 
+    # Rows in the model's own order, whatever the order of the targets.
+    order = {path: i for i, (path, _) in enumerate(modules)}
+    chosen = dict(sorted(chosen.items(), key=lambda item: order[item[0]]))
     rows = []
     for path, (module, kind) in chosen.items():
         r = next((v for k, v in config.rank_pattern.items() if pattern_match(path, k)), config.r)
