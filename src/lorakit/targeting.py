@@ -235,9 +235,10 @@ def plan(model: nn.Module, config: LoraConfig) -> Plan:
         missing = sorted(set(config.layers) - present)
         if missing:
             have = sorted(i for i in present if i is not None)
+            where = f"layers {have[0]} to {have[-1]}" if have else "no numbered layer"
             problems.append(
                 f"layers {missing}: no targeted module has that layer index "
-                f"(targeted modules are in layers {have[:1] + ['...'] + have[-1:] if have else []})"
+                f"(targeted modules are in {where})"
             )
         chosen = {p: v for p, v in chosen.items() if layer_index(p) in config.layers}
 
