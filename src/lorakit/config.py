@@ -242,6 +242,12 @@ class LoraConfig:
                 "lorakit's own format or merge it"
             )
         targets = self.target_modules
+        if isinstance(targets, str) and self.layers is not None:
+            raise ConfigError(
+                f"layers={list(self.layers)} with target_modules={targets!r} cannot be written for "
+                "PEFT (it refuses layers_to_transform with a string target); list the module "
+                "names, or put the layer index in a regex"
+            )
         return {
             "peft_type": "LORA",
             "r": self.r,
