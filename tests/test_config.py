@@ -226,6 +226,18 @@ def test_to_peft_dict_refuses_fused_slices():
         config.to_peft_dict()
 
 
+@pytest.mark.parametrize("targets", ["all-linear", r".*\.q_proj"])
+def test_to_peft_dict_refuses_layers_with_a_string_target(targets):
+    """PEFT itself refuses layers_to_transform with a string target_modules."""
+    config = LoraConfig(target_modules=targets, layers=[0])
+    with pytest.raises(ValueError, match="layers_to_transform"):
+        peft.LoraConfig(target_modules=targets, layers_to_transform=[0])
+    with pytest.raises(ConfigError, match=r"layers=\[0\] with target_modules="):
+        config.to_peft_dict()
+    # with a list of names the same layers filter is fine in PEFT's format
+    assert LoraConfig(target_modules=["q_proj"], layers=[0]).to_peft_dict()["layers_to_transform"]
+
+
 def test_from_peft_dict_warns_on_unknown_keys():
     data = {"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"], "brand_new_option": 1}
     with pytest.warns(UserWarning, match="brand_new_option"):
