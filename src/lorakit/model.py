@@ -332,7 +332,8 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     out: dict[str, torch.Tensor] = {}
     wrappers = dict(_wrappers(model))
-    skip = tuple(f"{p}." for p in wrappers if p)
+    # A wrapper's keys (its adapters included) are written below; "" when the model is one.
+    skip = tuple(f"{p}." if p else "" for p in wrappers)
     for key, value in model.state_dict().items():
         if not skip or not key.startswith(skip):
             out[key] = value
