@@ -257,8 +257,9 @@ class LoraLayer(nn.Module):
             raise MergeError(f"{self._where()}: cannot merge inside adapter_per_row()")
         with torch.no_grad():
             new = self.weight.float() + self.delta_weight(name).to(self.weight.device)
+            new = new.to(self.weight.dtype)  # checked as written: float16 can overflow here
             self._check_finite(new, f"merging adapter {name!r}")
-            self.weight.copy_(new.to(self.weight.dtype))
+            self.weight.copy_(new)
         self.merged_adapters.append(name)
         self._update_route()
         return True
@@ -270,8 +271,9 @@ class LoraLayer(nn.Module):
             while self.merged_adapters:
                 name = self.merged_adapters[-1]
                 new = self.weight.float() - self.delta_weight(name).to(self.weight.device)
+                new = new.to(self.weight.dtype)
                 self._check_finite(new, f"unmerging adapter {name!r}")
-                self.weight.copy_(new.to(self.weight.dtype))
+                self.weight.copy_(new)
                 self.merged_adapters.pop()
                 changed = True
         self._update_route()
