@@ -72,6 +72,9 @@ class LoraEmbedding(LoraLayer):
         n = x.shape[0]
         ids = x.reshape(n, -1)  # (N, T)
         xa = torch.gather(a_rows, 2, ids.unsqueeze(1).expand(-1, a_rows.shape[1], -1))  # (N, R, T)
+        if self.padding_idx is not None:
+            # as F.embedding does on the one-adapter path: no gradient reaches the padding column
+            xa = torch.where((ids == self.padding_idx).unsqueeze(1), xa.detach(), xa)
         delta = torch.bmm(b_rows, xa).transpose(1, 2)  # (N, T, dim)
         return out + delta.reshape(out.shape).to(out.dtype)
 
