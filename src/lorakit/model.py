@@ -330,27 +330,46 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     trained copy under the original path), so ``base.load_state_dict(merged_state_dict(m))`` on a
     fresh base gives the merged model.
     """
-    out: dict[str, torch.Tensor] = {}
     wrappers = dict(_wrappers(model))
-    # A wrapper's keys (its adapters included) are written below; "" when the model is one.
-    skip = tuple(f"{p}." if p else "" for p in wrappers)
+    out: dict[str, torch.Tensor] = {}
+    written: set[str] = set()
+    # In the model's own key order: a wrapper's entries (its adapters left out) replace its keys
+    # where they first appear; "" is the path when the model itself is a wrapper.
     for key, value in model.state_dict().items():
-        if not skip or not key.startswith(skip):
+        owner = _owner(key, wrappers)
+        if owner is None:
             out[key] = value
-    for path, module in wrappers.items():
-        prefix = f"{path}." if path else ""
-        if isinstance(module, L.SavedModule):
-            for k, v in module.unload().state_dict().items():
-                out[prefix + k] = v
-            continue
-        weight = module.weight.detach()
-        name = module._route
-        if name is not None:
-            merged = weight.float() + module.delta_weight(name).to(weight.device)
-            weight = merged.to(weight.dtype)
-        out[prefix + "weight"] = weight
-        if module.bias is not None:
-            out[prefix + "bias"] = module.bias.detach()
+        elif owner not in written:
+            written.add(owner)
+            out.update(_merged_entries(owner, wrappers[owner]))
+    return out
+
+
+def _owner(key: str, wrappers: dict[str, nn.Module]) -> str | None:
+    """The path of the wrapper a state-dict key belongs to, or None."""
+    if "" in wrappers:
+        return ""
+    parts = key.split(".")
+    for i in range(1, len(parts)):
+        path = ".".join(parts[:i])
+        if path in wrappers:
+            return path
+    return None
+
+
+def _merged_entries(path: str, module: nn.Module) -> dict[str, torch.Tensor]:
+    """A wrapper's base entries with the active adapter folded in, under the base's keys."""
+    prefix = f"{path}." if path else ""
+    if isinstance(module, L.SavedModule):
+        return {prefix + k: v for k, v in module.unload().state_dict().items()}
+    weight = module.weight.detach()
+    name = module._route
+    if name is not None:
+        merged = weight.float() + module.delta_weight(name).to(weight.device)
+        weight = merged.to(weight.dtype)
+    out = {prefix + "weight": weight}
+    if module.bias is not None:
+        out[prefix + "bias"] = module.bias.detach()
     return out
 
 
