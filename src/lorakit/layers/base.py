@@ -209,14 +209,19 @@ class LoraLayer(nn.Module):
             b_list.append(b)
         return torch.stack(a_list), torch.stack(b_list)
 
-    def _forward_rows(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Mixed batch: each row adds the adapter of its slot (a gathered batched matmul)."""
+    def _checked_row_slots(self, x: torch.Tensor) -> torch.Tensor:
+        """The per-row slots, after checking there is one for every row of the batch."""
         slots = self._row_slots
         if slots.shape[0] != x.shape[0]:
             raise AdapterError(
                 f"{self._where()}: adapter_per_row was given {slots.shape[0]} names but the batch "
                 f"has {x.shape[0]} rows"
             )
+        return slots
+
+    def _forward_rows(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Mixed batch: each row adds the adapter of its slot (a gathered batched matmul)."""
+        slots = self._checked_row_slots(x)
         if not self.adapter_names or bool((slots == 0).all()):
             return out
         if self.training and any(p > 0 for p in self.dropout.values()):

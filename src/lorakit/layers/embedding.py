@@ -64,7 +64,7 @@ class LoraEmbedding(LoraLayer):
         return self.lora_forward(x, out, self.lora_A[name], self.lora_B[name], self.scaling[name])
 
     def _forward_rows(self, x, out):
-        slots = self._row_slots
+        slots = self._checked_row_slots(x)
         if not self.adapter_names or bool((slots == 0).all()):
             return out
         a, b = self.stacked()  # (n+1, R, V), (n+1, dim, R)
