@@ -99,6 +99,11 @@ def apply_lora(
     if adapter_name in configs:
         raise AdapterError(f"the model already has an adapter named {adapter_name!r}")
     the_plan = plan(model, config)
+    # A module object registered at several paths (a shared block) is wrapped once and the same
+    # LoRA layer is put at every path, so the sharing survives.
+    aliases: dict[int, list[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(module), []).append(path)
     root = model
     new_layers = []
     for row in the_plan.rows:
@@ -108,10 +113,11 @@ def apply_lora(
         else:
             layer = L.wrap(module, row.kind, row.slices)
             layer._path = row.path
-            if row.path:
-                _replace(root, row.path, layer)
-            else:
-                root = layer
+            for path in aliases.get(id(module), [row.path]):
+                if path:
+                    _replace(root, path, layer)
+                else:
+                    root = layer
         dtype = adapter_dtype
         if dtype is None and layer.weight.dtype in (torch.float16, torch.bfloat16):
             dtype = torch.float32
@@ -258,11 +264,24 @@ def merge(model: nn.Module, adapter_name: str | None = None) -> list[str]:
     non-finite value, ``MergeError`` names the module and nothing is changed.
     """
     layers = _merge_targets(model, adapter_name)
+    owners: dict[int, list[tuple[str, nn.Module]]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        for pname, param in module._parameters.items():
+            if param is not None:
+                key = f"{path}.{pname}" if path else pname
+                owners.setdefault(id(param), []).append((key, module))
     problems = []
     work = []
     for path, layer in layers:
         name = adapter_name or layer.active_adapter
         if name is None or name not in layer.lora_A or name in layer.merged_adapters:
+            continue
+        others = [key for key, mod in owners.get(id(layer.weight), []) if mod is not layer]
+        if others:
+            problems.append(
+                f"{path}: its weight is tied to {', '.join(others)}; merging would change "
+                "those modules too. Keep this adapter unmerged, or untie the weights first"
+            )
             continue
         with torch.no_grad():
             new = layer.weight.float() + layer.delta_weight(name).to(layer.weight.device)
