@@ -124,15 +124,16 @@ def pattern_match(path: str, key: str) -> bool:
 
 
 def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every module a config may name, skipping the insides of lorakit's own wrappers."""
+    """Every module a config may name, skipping the insides of lorakit's own wrappers.
+
+    A wrapper itself stays: a LoRA layer can take another adapter, a saved module another copy.
+    """
     out, skip = [], ()
     for path, module in model.named_modules():
         if skip and any(path.startswith(s) for s in skip):
             continue
         if isinstance(module, (L.LoraLayer, L.SavedModule)):
             skip = (*skip, f"{path}." if path else "")
-            if isinstance(module, L.SavedModule):
-                continue
         out.append((path, module))
     return out
 
