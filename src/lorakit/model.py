@@ -252,7 +252,8 @@ def adapter_per_row(model: nn.Module, names: Sequence[str | None]) -> Iterator[n
 
 def _merge_targets(model: nn.Module, adapter_name: str | None) -> list[tuple[str, L.LoraLayer]]:
     if adapter_name is not None and adapter_name not in adapter_configs(model):
-        raise AdapterError(f"no adapter named {adapter_name!r}")
+        known = ", ".join(adapter_configs(model)) or "none"
+        raise AdapterError(f"no adapter named {adapter_name!r} (adapters: {known})")
     return list(lora_layers(model))
 
 
