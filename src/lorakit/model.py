@@ -159,6 +159,17 @@ def set_adapter(model: nn.Module, adapter_name: str | None) -> None:
     if adapter_name is not None and adapter_name not in adapter_configs(model):
         known = ", ".join(adapter_configs(model)) or "none"
         raise AdapterError(f"no adapter named {adapter_name!r} (adapters: {known})")
+    # Every layer is checked before any switches, so a refusal leaves the model as it was.
+    merged = [
+        f"{path} ({', '.join(layer.merged_adapters)})"
+        for path, layer in lora_layers(model)
+        if layer.merged_adapters and adapter_name not in (None, *layer.merged_adapters)
+    ]
+    if merged:
+        raise MergeError(
+            f"cannot switch to {adapter_name!r} while adapters are merged into "
+            f"{', '.join(merged[:3])}{', ...' if len(merged) > 3 else ''}; call unmerge first"
+        )
     for _, module in _wrappers(model):
         module.set_adapter(adapter_name)
 
