@@ -140,8 +140,15 @@ def apply_lora(
     for p in adapter_parameters(root, adapter_name):
         p.requires_grad_(True)
     if config.bias == "all":
+        # a saved module's original stays frozen (as in PEFT): its trained copies stand for it
+        originals = {
+            id(m)
+            for s in root.modules()
+            if isinstance(s, L.SavedModule)
+            for m in s.original_module.modules()
+        }
         for module in root.modules():
-            if module._parameters.get("bias") is not None:
+            if id(module) not in originals and module._parameters.get("bias") is not None:
                 module.bias.requires_grad_(True)
     elif config.bias == "lora_only":
         for layer in new_layers:

@@ -305,19 +305,20 @@ def plan(model: nn.Module, config: LoraConfig) -> Plan:
     return Plan(
         rows=tuple(rows),
         saved=tuple(saved),
-        bias_params=_bias_params(model, config, {r.path for r in rows}),
+        bias_params=_bias_params(model, config, {r.path for r in rows}, saved_paths),
         base_params=base_params,
     )
 
 
-def _bias_params(model: nn.Module, config: LoraConfig, targeted: set[str]) -> int:
+def _bias_params(model: nn.Module, config: LoraConfig, targeted: set[str], saved: set[str]) -> int:
     if config.bias == "none":
         return 0
     total = 0
+    inside_saved = tuple(f"{p}." for p in saved)
     for path, module in model.named_modules():
         bias = module._parameters.get("bias")
-        if bias is None:
-            continue
+        if bias is None or path in saved or path.startswith(inside_saved):
+            continue  # a saved module's original stays frozen; its copy is counted in `saved`
         if config.bias == "all" or path in targeted:
             total += bias.numel()
     return total
