@@ -446,3 +446,17 @@ def test_import_loads_no_optional_backend():
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_bias_all_leaves_the_saved_original_frozen():
+    base = TinyNet()
+    config = SAVED.replace(bias="all")
+    the_plan = lorakit.plan(base, config)
+    model = lorakit.apply_lora(base, config)
+    head = model.head
+    assert not any(p.requires_grad for p in head.original_module.parameters())
+    assert all(p.requires_grad for p in head.modules_to_save["default"].parameters())
+    for name in ("emb", "q", "v", "mlp"):
+        module = model.get_submodule(name)
+        assert getattr(module, "bias", None) is None or module.bias.requires_grad, name
+    assert lorakit.count_parameters(model) == (the_plan.trainable, the_plan.total)
