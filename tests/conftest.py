@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# Tests use tiny tensors: one thread avoids thread start-up costs and contention.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -124,11 +124,6 @@ def test_lora_adds_no_graph_breaks_to_llama():
 
 
 @needs_dynamo
-@pytest.mark.xfail(
-    reason="the mixed-batch path tests its slots on the host (bool((slots == 0).all())): a graph "
-    "break, and on an accelerator a device sync, per layer and forward",
-    strict=True,
-)
 def test_mixed_adapter_batch_has_no_graph_breaks():
     model = adapted_mlp()
     lorakit.apply_lora(model, LoraConfig(r=2), adapter_name="other")

@@ -4,6 +4,7 @@ Importing lorakit imports torch only; transformers, peft and bitsandbytes are lo
 functions that need them.
 """
 
+from .combine import combine
 from .config import LoraConfig
 from .errors import AdapterError, ConfigError, LorakitError, MergeError, TargetError
 from .model import (
@@ -44,6 +45,7 @@ __all__ = [
     "adapter_parameters",
     "adapter_per_row",
     "apply_lora",
+    "combine",
     "count_parameters",
     "delete_adapter",
     "disable_adapters",

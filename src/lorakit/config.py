@@ -9,6 +9,7 @@ from the keys of PEFT's ``adapter_config.json``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import warnings
 from collections.abc import Mapping, Sequence
@@ -197,6 +198,9 @@ class LoraConfig:
 
     def __deepcopy__(self, memo: dict) -> LoraConfig:
         return self
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
 
     def __reduce__(self):
         return (_rebuild, (self.to_dict(),))

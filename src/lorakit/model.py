@@ -29,6 +29,11 @@ def check_adapter_name(name: object) -> str:
             f"adapter name {name!r} is not allowed: use 1-100 letters, digits, '_' or '-' "
             "(no dots, slashes or spaces), not starting with '-'"
         )
+    if hasattr(nn.ParameterDict, name) or name in nn.Module().__dict__:
+        raise AdapterError(
+            f"adapter name {name!r} is reserved: it is an attribute of torch.nn.Module "
+            "(adapters are stored as module parameters); choose another name"
+        )
     return name
 
 
@@ -258,12 +263,14 @@ def adapter_per_row(model: nn.Module, names: Sequence[str | None]) -> Iterator[n
         for _, layer in layers:
             slots = [layer.slot_of(n) for n in names]
             layer._row_slots = torch.tensor(slots, dtype=torch.long, device=layer.weight.device)
+            layer._rows_active = any(slots)
         for m in saved:
             m._row_names = list(names)
         yield model
     finally:
         for _, layer in layers:
             layer._row_slots = None
+            layer._rows_active = False
         for m in saved:
             m._row_names = None
 

@@ -59,6 +59,7 @@ class LoraLayer(nn.Module):
         self._route: str | None = None
         # Per-row adapter slots for a mixed batch (0 = base); None outside adapter_per_row().
         self._row_slots: torch.Tensor | None = None
+        self._rows_active = False  # whether any row's slot is not 0 (the base)
         # The base module, kept without its tensors, to give back on unload (same class, hooks,
         # attributes). Not registered: it is not part of the module tree or the state dict.
         base._parameters["weight"] = None
@@ -222,7 +223,7 @@ class LoraLayer(nn.Module):
     def _forward_rows(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Mixed batch: each row adds the adapter of its slot (a gathered batched matmul)."""
         slots = self._checked_row_slots(x)
-        if not self.adapter_names or bool((slots == 0).all()):
+        if not self._rows_active:  # decided in Python when the slots were set: no graph break
             return out
         if self.training and any(p > 0 for p in self.dropout.values()):
             # per-row dropout probabilities: drop with each row's own p

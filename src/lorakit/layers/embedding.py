@@ -65,7 +65,7 @@ class LoraEmbedding(LoraLayer):
 
     def _forward_rows(self, x, out):
         slots = self._checked_row_slots(x)
-        if not self.adapter_names or bool((slots == 0).all()):
+        if not self._rows_active:
             return out
         a, b = self.stacked()  # (n+1, R, V), (n+1, dim, R)
         a_rows, b_rows = a[slots], b[slots]  # (N, R, V), (N, dim, R)
