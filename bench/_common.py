@@ -59,15 +59,17 @@ def with_peft(base, targets="all-linear"):
 
 
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1):
-    """Run each function in turn, round after round; return {name: [seconds per round]}."""
+    """Run each function once per round, round after round; return {name: [seconds per round]}."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    names = list(fns)
+    for i in range(rounds):
+        # rotate the order each round so no function always runs first or after the same one
+        for name in names[i % len(names) :] + names[: i % len(names)]:
             start = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - start)
     return times
 

@@ -14,7 +14,7 @@ import _common as C
 NAME = "decode"
 TITLE = "Greedy decoding tokens/s with an unmerged adapter (batch 1, 32 + 64 tokens)"
 ANCHOR_PACKAGES = ["peft", "transformers"]
-ROUNDS = 5
+ROUNDS = 6
 NEW = 64
 
 

@@ -40,6 +40,8 @@ class LoraLayer(nn.Module):
 
     #: short name of the base layer kind ("linear", "conv1d_gpt2", "embedding", "conv")
     kind: str = ""
+    #: whether ``effective_B`` builds B from the stored one (fused slices) or returns it as it is
+    expands_B: bool = False
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
@@ -47,6 +49,11 @@ class LoraLayer(nn.Module):
         self.register_parameter("bias", getattr(base, "bias", None))
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
+        # The dicts the ParameterDicts store their parameters in, read directly by forward (a
+        # decoded token calls hundreds of layers; attribute chains cost more than the math).
+        # They always hold the current parameters: .to(), load_state_dict and deepcopy keep them.
+        self._A = self.lora_A._parameters
+        self._B = self.lora_B._parameters
         self.r: dict[str, int] = {}
         self.alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -173,11 +180,13 @@ class LoraLayer(nn.Module):
         name = self._route
         if name is None:
             return out
-        a = self.lora_A[name]
+        # Plain dict reads: the ParameterDicts' own storage (see __init__), not __getattr__ chains.
+        a = self._A[name]
+        b = self.effective_B(name) if self.expands_B else self._B[name]
         p = self.dropout[name]
         if p > 0.0 and self.training:
             x = F.dropout(x, p, True)
-        return self.lora_forward(x, out, a, self.effective_B(name), self.scaling[name])
+        return self.lora_forward(x, out, a, b, self.scaling[name])
 
     # -- mixed batches -------------------------------------------------------------------------
     def slot_of(self, name: str | None) -> int:

@@ -25,16 +25,29 @@ from .base import LoraLayer
 def _add_low_rank(
     x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float
 ) -> torch.Tensor:
-    """``out + s · (x Aᵀ) Bᵀ``, with the add and the scale fused into one GEMM where possible."""
+    """``out + s · (x Aᵀ) Bᵀ``, the sum formed in the adapter's dtype and rounded once.
+
+    Many tokens: the add and the scale are fused into the second GEMM (``addmm`` with beta=1), so
+    the output is read once. Few tokens (decoding): three plain calls, the fewest dispatches.
+    """
     if x.dtype != a.dtype:
         x = x.to(a.dtype)
     xa = F.linear(x, a)  # (..., r)
-    if out.dtype == xa.dtype and out.dim() >= 2 and out.is_contiguous():
+    if xa.numel() > _FEW_TOKENS * a.shape[0] and out.dtype == xa.dtype and out.is_contiguous():
         flat = torch.addmm(
             out.reshape(-1, out.shape[-1]), xa.reshape(-1, xa.shape[-1]), b.t(), alpha=s
         )
         return flat.view(out.shape)
-    return out + (F.linear(xa, b) * s).to(out.dtype)
+    if torch.compiler.is_compiling():
+        # Inductor (seen with torch 2.13 on CPU) drops the `alpha` of an add fused after a
+        # linear, so compiled graphs scale explicitly; eager keeps the one-call form.
+        summed = out + F.linear(xa, b) * s
+    else:
+        summed = torch.add(out, F.linear(xa, b), alpha=s)  # in float32 when the adapter is
+    return summed if summed.dtype == out.dtype else summed.to(out.dtype)
+
+
+_FEW_TOKENS = 16
 
 
 class _LinearLike(LoraLayer):
@@ -48,6 +61,7 @@ class _LinearLike(LoraLayer):
         self.in_features = in_features
         self.out_features = out_features
         self.slices: tuple[bool, ...] | None = tuple(slices) if slices else None
+        self.expands_B = self.slices is not None
         if self.slices is not None:
             k = len(self.slices)
             self._slice_size = out_features // k
