@@ -29,6 +29,11 @@ class MergeError(LorakitError, RuntimeError):
     """Merging or unmerging an adapter would produce a wrong or non-finite weight."""
 
 
+class AdapterFileError(LorakitError, ValueError):
+    """An adapter directory cannot be read, written or loaded: a missing, corrupt or mismatched
+    file, a base model it was not saved for, or a write that would replace something it must not."""
+
+
 def gather(problems: list[str], error: type[LorakitError], header: str) -> None:
     """Raise ``error`` once with every problem listed, or return when there are none."""
     if not problems:
