@@ -1,0 +1,68 @@
+"""Merge an adapter into its base model and write a plain transformers model directory.
+
+    lorakit merge BASE ADAPTER OUT
+    lorakit merge ADAPTER OUT            (BASE omitted: the embedded default model)
+
+BASE is a transformers model directory, a .gguf file or "default". OUT receives safetensors
+shards, config.json and the tokenizer files; transformers' from_pretrained loads it without
+lorakit, and its outputs equal the base with the adapter.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "merge an adapter into its base model and write a transformers model directory"
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "merge",
+        help=HELP,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.set_defaults(run=run)
+    parser.add_argument(
+        "paths", nargs="+", metavar="[BASE] ADAPTER OUT", help="base model, adapter, output"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it holds a model")
+    parser.add_argument(
+        "--dtype", default=None, help="dtype of the written weights (default: the base's own)"
+    )
+    parser.add_argument("--max-shard-size", default="2GB", help="largest shard (default: 2GB)")
+    parser.add_argument(
+        "--allow-base-mismatch",
+        action="store_true",
+        help="merge even if the adapter's fingerprint names another base model",
+    )
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from ..errors import ConfigError
+    from ..io.export import export_merged
+
+    if len(args.paths) not in (2, 3):
+        raise ConfigError(f"expected [BASE] ADAPTER OUT, got {len(args.paths)} path(s)")
+    base, adapter, out = (None, *args.paths) if len(args.paths) == 2 else args.paths
+    start = time.perf_counter()
+    target = export_merged(
+        base,
+        adapter,
+        out,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        allow_base_mismatch=args.allow_base_mismatch,
+        max_shard_size=args.max_shard_size,
+    )
+    files = sorted(p for p in Path(target).iterdir() if p.is_file())
+    size = sum(p.stat().st_size for p in files) / 2**20
+    print(
+        f"merged {adapter} into {base or 'default'}: {target} ({len(files)} files, "
+        f"{size:.1f} MiB) in {time.perf_counter() - start:.1f} s"
+    )
+    return 0

@@ -1,0 +1,22 @@
+"""Adapter files in PEFT's layout (read and write), merged-model export, inspection.
+
+``save_adapter`` / ``load_adapter`` (``adapter``) write and read PEFT adapter directories through
+the key mapping of ``peft_format``, with the base model's ``fingerprint`` in the file and the
+crash-safe writes of ``safety``. ``export_merged`` (``export``) writes a plain transformers model
+directory with an adapter folded in; ``inspect_adapter`` (``inspect``) describes an adapter
+directory without loading a model. safetensors and transformers are imported when first used.
+"""
+
+from .adapter import AdapterFile, load_adapter, read_adapter, save_adapter
+from .export import export_merged
+from .inspect import format_adapter, inspect_adapter
+
+__all__ = [
+    "AdapterFile",
+    "export_merged",
+    "format_adapter",
+    "inspect_adapter",
+    "load_adapter",
+    "read_adapter",
+    "save_adapter",
+]

@@ -1,0 +1,428 @@
+"""Save and load adapters as PEFT adapter directories: strict, crash-safe, fingerprinted.
+
+A directory holds ``adapter_config.json`` (PEFT's keys) and ``adapter_model.safetensors`` (PEFT's
+tensor names, see ``peft_format``), so PEFT, serving engines that read PEFT directories and lorakit
+all load it. The safetensors metadata adds lorakit's records, which PEFT ignores:
+``lorakit.version``, ``lorakit.fingerprint`` (the base model, see ``fingerprint``) and, for
+fused-slice adapters only, ``lorakit.config`` (the lorakit config, which PEFT's keys cannot say).
+
+Loading is strict: every tensor the adapter needs must be in the file with its shape, and every
+tensor in the file must belong somewhere; otherwise one ``AdapterFileError`` lists them all with
+the likely cause, and the model is left as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import LoraConfig
+from ..errors import AdapterError, AdapterFileError, ConfigError
+from ..model import (
+    active_adapter,
+    adapter_configs,
+    apply_lora,
+    check_adapter_name,
+    delete_adapter,
+    lora_layers,
+    set_adapter,
+)
+from ..targeting import plan, suffix_match
+from . import fingerprint as fp
+from . import safety
+from .peft_format import PREFIX, TASK_MODULES, Slot, peft_config_dict, slots
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+LEGACY_FILE = "adapter_model.bin"
+CONFIG_KEY = "lorakit.config"
+VERSION_KEY = "lorakit.version"
+_CONFIGS_ATTR = "lorakit_configs"  # where apply_lora keeps the adapters' configs on the model
+
+
+def save_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    adapter_name: str = "default",
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write adapter ``adapter_name`` of ``model`` to ``directory`` in PEFT's layout.
+
+    The files are written to a temporary directory beside ``directory`` and renamed into place, so
+    a crash leaves the previous adapter or the new one, never a mix. An existing adapter directory
+    is replaced only with ``overwrite=True``; a directory holding other files never is.
+    Returns the directory.
+    """
+    from safetensors.torch import save
+
+    from .. import __version__
+
+    configs = adapter_configs(model)
+    if adapter_name not in configs:
+        known = ", ".join(configs) or "none"
+        raise AdapterError(f"no adapter named {adapter_name!r} to save (adapters: {known})")
+    config = configs[adapter_name]
+    layers = [(p, layer) for p, layer in lora_layers(model) if adapter_name in layer.lora_A]
+    peft_dict = peft_config_dict(model, adapter_name, config, layers)
+    required, _ = slots(model, adapter_name, config.bias)
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, slot in required.items():
+        tensor = slot.pack(adapter_name).contiguous().cpu()
+        if tensor.data_ptr() in seen:  # a tensor reached twice (a shared module): store a copy
+            tensor = tensor.clone()
+        seen.add(tensor.data_ptr())
+        tensors[key] = tensor
+    metadata = {
+        "format": "pt",
+        VERSION_KEY: __version__,
+        fp.METADATA_KEY: fp.dumps(fp.fingerprint(model, [p for p, _ in layers])),
+    }
+    if config.fused_slices:
+        metadata[CONFIG_KEY] = json.dumps(config.to_dict(), sort_keys=True)
+    weights = save(tensors, metadata=metadata)
+    config_text = json.dumps(peft_dict, indent=2, sort_keys=True) + "\n"
+
+    target = Path(directory)
+    replace = safety.check_target(target, overwrite)
+    staged = safety.staging_dir(target)
+    try:
+        safety.write_file(staged / WEIGHTS_FILE, weights)
+        safety.write_file(staged / CONFIG_FILE, config_text.encode())
+        safety.publish(staged, target, replace)
+    finally:
+        if staged.exists():
+            safety.discard(staged)
+    return target
+
+
+# -- reading ------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class AdapterFile:
+    """What an adapter directory holds, read and checked for form (not yet against a model)."""
+
+    directory: Path
+    config: dict[str, Any]  # adapter_config.json as written
+    weights: Path  # the tensor file read
+    metadata: dict[str, str]
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, str]
+    tensors: dict[str, torch.Tensor] | None = None  # None when only the header was read
+
+    def lora_config(self) -> LoraConfig:
+        """The adapter's ``LoraConfig``: lorakit's own record if there is one, else PEFT's keys."""
+        source = str(self.directory / CONFIG_FILE)
+        own = self.metadata.get(CONFIG_KEY)
+        try:
+            if own is not None:
+                return LoraConfig.from_dict(json.loads(own))
+            return LoraConfig.from_peft_dict(self.config, source=source)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise AdapterFileError(f"{source}: a value has the wrong type: {exc}") from None
+
+    @property
+    def fingerprint(self) -> dict[str, Any] | None:
+        return fp.loads(self.metadata.get(fp.METADATA_KEY))
+
+
+def read_adapter(
+    directory: str | os.PathLike, *, allow_bin: bool = False, tensors: bool = True
+) -> AdapterFile:
+    """Read an adapter directory; ``tensors=False`` reads only the tensor names and shapes.
+
+    Only ``adapter_model.safetensors`` is read by default. A directory holding only a legacy
+    ``adapter_model.bin`` is refused unless ``allow_bin=True``, which reads it with
+    ``torch.load(weights_only=True)``: tensors only, any other object refused, no code run.
+    """
+    path = Path(directory)
+    if not path.is_dir():
+        what = "is not a directory" if path.exists() else "does not exist"
+        raise AdapterFileError(f"adapter directory {path} {what}{safety.interrupted_hint(path)}")
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        hint = (
+            " (it looks like a base model: it has config.json)"
+            if (path / "config.json").is_file()
+            else ""
+        )
+        raise AdapterFileError(f"{path} has no {CONFIG_FILE}: not an adapter directory{hint}")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise AdapterFileError(f"{config_path} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise AdapterFileError(
+            f"{config_path} must hold a JSON object, not {type(config).__name__}"
+        )
+    weights = path / WEIGHTS_FILE
+    if weights.is_file():
+        return _read_safetensors(path, config, weights, tensors)
+    legacy = path / LEGACY_FILE
+    if not legacy.is_file():
+        raise AdapterFileError(f"{path} has no {WEIGHTS_FILE}")
+    if not allow_bin:
+        raise AdapterFileError(
+            f"{path} holds only the legacy {LEGACY_FILE}, a pickle file; lorakit reads "
+            f"safetensors by default. Pass allow_bin=True to read it with "
+            "torch.load(weights_only=True) (tensors only, no code run), then save it again"
+        )
+    return _read_bin(path, config, legacy)
+
+
+def _read_safetensors(path: Path, config: dict, weights: Path, load: bool) -> AdapterFile:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(weights, framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            shapes, dtypes, tensors = {}, {}, {} if load else None
+            for key in f.keys():
+                piece = f.get_slice(key)
+                shapes[key] = tuple(piece.get_shape())
+                dtypes[key] = piece.get_dtype()
+                if load:
+                    tensors[key] = f.get_tensor(key)
+    except SafetensorError as exc:
+        raise AdapterFileError(
+            f"{weights} is not a valid safetensors file (truncated or corrupted?): {exc}"
+        ) from None
+    return AdapterFile(path, config, weights, metadata, shapes, dtypes, tensors)
+
+
+def _read_bin(path: Path, config: dict, legacy: Path) -> AdapterFile:
+    import pickle
+
+    try:
+        state = torch.load(legacy, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+        raise AdapterFileError(
+            f"{legacy} was refused by torch.load(weights_only=True) (not only tensors, or "
+            f"corrupted): {exc}"
+        ) from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise AdapterFileError(f"{legacy} does not hold a flat {{name: tensor}} dictionary")
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in state.items()}
+    return AdapterFile(path, config, legacy, {}, shapes, dtypes, dict(state))
+
+
+# -- loading ------------------------------------------------------------------------------------
+def load_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    adapter_name: str = "default",
+    *,
+    allow_base_mismatch: bool = False,
+    allow_bin: bool = False,
+    subfolder: str | None = None,
+) -> nn.Module:
+    """Load an adapter directory (lorakit's or PEFT's) into ``model``; returns the model.
+
+    If the model has no adapter ``adapter_name`` it is injected with the file's config and the
+    tensors loaded, in one call; otherwise the tensors are loaded into the existing adapter, whose
+    ranks and scales must match the file's. Strict: a missing tensor, an unexpected one or a shape
+    mismatch is one ``AdapterFileError`` listing them with the likely cause, and the model is left
+    as it was. A fingerprint that names another base model is an error too, or a warning with
+    ``allow_base_mismatch=True``. ``subfolder`` reads ``directory/subfolder`` (it may not leave
+    ``directory``); ``allow_bin`` see :func:`read_adapter`.
+    """
+    check_adapter_name(adapter_name)
+    path = safety.safe_join(directory, subfolder) if subfolder is not None else Path(directory)
+    file = read_adapter(path, allow_bin=allow_bin)
+    config = file.lora_config()
+    _check_base(model, file, allow_base_mismatch)
+    existing = adapter_configs(model).get(adapter_name)
+    if existing is not None:
+        _check_same_adapter(model, adapter_name, config, path)
+        _load_tensors(model, file, adapter_name, existing.bias)
+        return model
+    config = _without_absent_task_modules(config, model, file.config.get("task_type"))
+    grads = {id(p): p.requires_grad for p in model.parameters()}
+    active = active_adapter(model)
+    had_configs = _CONFIGS_ATTR in vars(model)
+    model = apply_lora(model, config, adapter_name)
+    try:
+        _load_tensors(model, file, adapter_name, config.bias)
+    except BaseException:
+        # leave the model as it was: no half-loaded adapter, the same flags and active adapter
+        model = delete_adapter(model, adapter_name)
+        for p in model.parameters():
+            p.requires_grad_(grads.get(id(p), p.requires_grad))
+        set_adapter(model, active)
+        if not had_configs:
+            vars(model).pop(_CONFIGS_ATTR, None)
+        raise
+    return model
+
+
+def _check_base(model: nn.Module, file: AdapterFile, allow: bool) -> None:
+    saved = file.fingerprint
+    if saved is None:
+        return
+    actual = fp.fingerprint(model, saved["modules"])
+    found = fp.differences(saved, actual)
+    if not found:
+        return
+    message = (
+        f"the adapter at {file.directory} was saved for another base model:\n"
+        f"  file: {fp.describe(saved)}\n  here: {fp.describe(actual)}\n"
+        + "".join(f"  - {line}\n" for line in found)
+    )
+    if allow:
+        warnings.warn(message + "loading it anyway (allow_base_mismatch=True)", stacklevel=3)
+        return
+    raise AdapterFileError(message + "pass allow_base_mismatch=True to load it anyway")
+
+
+def _check_same_adapter(model: nn.Module, name: str, config: LoraConfig, path: Path) -> None:
+    """Loading into an existing adapter: the file's ranks and scales must be the adapter's."""
+    rows = {row.path: row for row in plan(model, config).rows}
+    layers = {p: layer for p, layer in lora_layers(model) if name in layer.lora_A}
+    problems = [
+        f"{p}: targeted by the file, not by adapter {name!r}" for p in rows if p not in layers
+    ]
+    problems += [
+        f"{p}: in adapter {name!r}, not targeted by the file" for p in layers if p not in rows
+    ]
+    for p in rows.keys() & layers.keys():
+        row, layer = rows[p], layers[p]
+        if (row.r, row.scaling) != (layer.r[name], layer.scaling[name]):
+            problems.append(
+                f"{p}: r={row.r}, scale {row.scaling:g} in the file; "
+                f"r={layer.r[name]}, scale {layer.scaling[name]:g} in adapter {name!r}"
+            )
+    if problems:
+        raise AdapterFileError(
+            _listing(
+                f"the adapter at {path} does not match the existing adapter {name!r}", problems
+            )
+            + "\nload it under another adapter_name, or delete_adapter first"
+        )
+
+
+def _without_absent_task_modules(config: LoraConfig, model: nn.Module, task: Any) -> LoraConfig:
+    """Drop the modules PEFT adds by itself for a task type (``classifier``, ``score``) that
+    this model does not have: PEFT skips them too."""
+    defaults = TASK_MODULES.get(task, ())
+    if not config.modules_to_save or not defaults:
+        return config
+    paths = [p for p, _ in model.named_modules() if p]
+    keep = tuple(
+        m
+        for m in config.modules_to_save
+        if m not in defaults or any(suffix_match(p, m) for p in paths)
+    )
+    return (
+        config if keep == config.modules_to_save else config.replace(modules_to_save=keep or None)
+    )
+
+
+def _load_tensors(model: nn.Module, file: AdapterFile, name: str, bias: str) -> None:
+    """Check every key and shape of the file against the adapter, then copy (all or nothing)."""
+    required, optional = slots(model, name, bias)
+    shapes = file.shapes
+    missing = [slot for key, slot in required.items() if key not in shapes]
+    unexpected = [key for key in shapes if key not in required and key not in optional]
+    mismatched = [
+        (slot, shapes[key])
+        for key, slot in {**optional, **required}.items()
+        if key in shapes and tuple(shapes[key]) != slot.shape
+    ]
+    if missing or unexpected or mismatched:
+        raise AdapterFileError(_mismatch_report(model, file, missing, unexpected, mismatched))
+    values = [(slot, slot.unpack(file.tensors[key], name)) for key, slot in required.items()]
+    filled = {id(slot.target) for slot, _ in values}
+    replaced = []
+    for key, slot in optional.items():
+        if key not in shapes or id(slot.target) in filled:
+            continue
+        filled.add(id(slot.target))
+        value = file.tensors[key]
+        if not torch.equal(slot.target.detach(), value.to(slot.target.device, slot.target.dtype)):
+            values.append((slot, value))
+            replaced.append(key.removeprefix(PREFIX))
+    with torch.no_grad():
+        for slot, value in values:
+            slot.target.copy_(value)
+    if replaced:
+        warnings.warn(
+            f"the adapter at {file.directory} carries its own copy of {len(replaced)} base "
+            f"tensor(s), which replaced the model's (as PEFT does): {', '.join(replaced[:5])}"
+            + (" ..." if len(replaced) > 5 else ""),
+            stacklevel=3,
+        )
+
+
+_MAX_LINES = 12
+
+
+def _listing(header: str, lines: list[str]) -> str:
+    shown = lines[:_MAX_LINES]
+    more = [f"... and {len(lines) - len(shown)} more"] if len(lines) > len(shown) else []
+    return f"{header} ({len(lines)} problem(s)):\n" + "\n".join(f"  - {x}" for x in shown + more)
+
+
+def _mismatch_report(model, file, missing: list[Slot], unexpected: list[str], mismatched) -> str:
+    lines = [f"missing from the file: {s.key} (expected {s.shape})" for s in missing]
+    lines += [f"unexpected in the file: {k} {file.shapes[k]}" for k in unexpected]
+    lines += [
+        f"shape mismatch: {s.key}: expected {s.shape}, found {found}" for s, found in mismatched
+    ]
+    causes = []
+    rank_only = [(s, f) for s, f in mismatched if _differs_only_in_rank(s, f)]
+    if rank_only:
+        s, found = rank_only[0]
+        dim = 0 if s.role == "lora_A" else 1
+        causes.append(
+            f"another rank: the file has r={found[dim]} where the config gives r={s.shape[dim]} "
+            f"(e.g. {s.module}); was {CONFIG_FILE} edited, or the tensors saved from another "
+            "adapter?"
+        )
+    if len(rank_only) < len(mismatched):
+        causes.append(
+            "another base model: module shapes differ (another size of the architecture?)"
+        )
+    absent = sorted({_module_of(k) for k in unexpected} - {p for p, _ in model.named_modules()})
+    if absent:
+        causes.append(
+            f"another base model or architecture: {len(absent)} module(s) of the file do not "
+            f"exist in {type(model).__name__} (e.g. {absent[0]})"
+        )
+    elif unexpected:
+        causes.append(f"the file adapts modules its {CONFIG_FILE} does not target (edited?)")
+    if missing and not unexpected:
+        causes.append("an incomplete file: tensors were left out (interrupted copy, or edited?)")
+    text = _listing(f"the adapter at {file.directory} does not fit {type(model).__name__}", lines)
+    return text + "".join(f"\nlikely cause: {c}" for c in causes)
+
+
+def _differs_only_in_rank(slot: Slot, found: tuple[int, ...]) -> bool:
+    if slot.role not in ("lora_A", "lora_B") or len(found) != len(slot.shape):
+        return False
+    dim = 0 if slot.role == "lora_A" else 1
+    return all(a == b for i, (a, b) in enumerate(zip(slot.shape, found)) if i != dim)
+
+
+_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B")
+
+
+def _module_of(key: str) -> str:
+    """The module path a file key belongs to."""
+    key = key.removeprefix(PREFIX)
+    for suffix in _SUFFIXES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)]
+    key = key.replace(".base_layer.", ".")
+    return key.rpartition(".")[0]

@@ -1,0 +1,137 @@
+"""A fingerprint of the base model an adapter was trained on, stored in the adapter file.
+
+An adapter only means something on its own base model: the same architecture, the same shapes and
+the same weights. ``save_adapter`` records, as JSON in the safetensors metadata under
+``lorakit.fingerprint``::
+
+    {"architecture": "LlamaForCausalLM", "model_type": "llama", "dtype": "float32",
+     "modules": {"model.layers.0.self_attn.q_proj": [576, 576], ...},
+     "weights": "3f2a9c0d1e2b4a5c"}
+
+``modules`` holds the shape of each targeted module's base weight. ``weights`` is a hash (sha256,
+first 16 hex digits) over each targeted module's path, shape and a strided sample of at most
+``SAMPLE`` of its weight values rounded to bfloat16. Its cost does not grow with the model (a few
+milliseconds for SmolLM2-135M's 210 linear layers), any change to a sampled value changes it, and
+the same weights held in float32 or bfloat16 hash alike (float16 copies may differ by rounding).
+It is ``None`` when the weights cannot be read (meta device) or an adapter is merged into them.
+
+PEFT writes no fingerprint; such files load without the check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..layers import LoraLayer
+
+SAMPLE = 1024  # weight values sampled per module
+METADATA_KEY = "lorakit.fingerprint"
+
+
+def fingerprint(model: nn.Module, paths: Iterable[str]) -> dict[str, Any]:
+    """The fingerprint of ``model`` over the modules at ``paths`` (a missing module: shape None)."""
+    config = getattr(model, "config", None)
+    modules: dict[str, list[int] | None] = {}
+    digest = hashlib.sha256()
+    readable = True
+    dtype = None
+    for path in sorted(paths):
+        try:
+            module = model.get_submodule(path) if path else model
+        except AttributeError:
+            modules[path] = None
+            readable = False
+            continue
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            modules[path] = None
+            readable = False
+            continue
+        modules[path] = list(weight.shape)
+        dtype = dtype or str(weight.dtype).removeprefix("torch.")
+        merged = isinstance(module, LoraLayer) and module.merged_adapters
+        if merged or weight.is_meta:
+            readable = False
+        if readable:
+            digest.update(f"{path}:{list(weight.shape)}:".encode())
+            digest.update(_sample_bytes(weight))
+    return {
+        "architecture": type(model).__name__,
+        "model_type": getattr(config, "model_type", None),
+        "dtype": dtype,
+        "modules": modules,
+        "weights": digest.hexdigest()[:16] if readable else None,
+    }
+
+
+def _sample_bytes(weight: torch.Tensor) -> bytes:
+    """At most ``SAMPLE`` evenly strided values of the weight, as bfloat16 (or raw) bytes."""
+    flat = weight.detach().reshape(-1)
+    step = max(1, flat.numel() // SAMPLE)
+    sample = flat[::step][:SAMPLE].cpu()
+    if sample.dtype.is_floating_point:
+        sample = sample.to(torch.bfloat16).view(torch.int16)
+    return sample.contiguous().numpy().tobytes()
+
+
+def dumps(fp: dict[str, Any]) -> str:
+    return json.dumps(fp, sort_keys=True, separators=(",", ":"))
+
+
+def loads(text: str | None) -> dict[str, Any] | None:
+    """The fingerprint from the metadata text, or None when absent or unreadable."""
+    if not text:
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("modules"), dict):
+        return None
+    return data
+
+
+def describe(fp: dict[str, Any]) -> str:
+    """One line: ``LlamaForCausalLM (llama, float32), 210 modules, weights 3f2a9c0d1e2b4a5c``."""
+    kind = ", ".join(str(x) for x in (fp.get("model_type"), fp.get("dtype")) if x)
+    weights = fp.get("weights") or "not hashed"
+    return (
+        f"{fp.get('architecture')}{f' ({kind})' if kind else ''}, "
+        f"{len(fp.get('modules', {}))} modules, weights {weights}"
+    )
+
+
+def differences(saved: dict[str, Any], actual: dict[str, Any]) -> list[str]:
+    """What differs between the fingerprint in a file and the model's, as readable lines."""
+    out = []
+    for field in ("architecture", "model_type"):
+        if saved.get(field) != actual.get(field):
+            out.append(f"{field}: {saved.get(field)!r} in the file, {actual.get(field)!r} here")
+    here = actual["modules"]
+    missing = [p for p, shape in here.items() if shape is None]
+    if missing:
+        out.append(f"{len(missing)} module(s) of the file are missing here, e.g. {missing[0]}")
+    shapes = [
+        f"{p} {tuple(s)} in the file, {tuple(here[p])} here"
+        for p, s in saved["modules"].items()
+        if here.get(p) is not None and s is not None and list(s) != list(here[p])
+    ]
+    if shapes:
+        more = f" (and {len(shapes) - 3} more)" if len(shapes) > 3 else ""
+        out.append(f"{len(shapes)} weight shape(s) differ: {'; '.join(shapes[:3])}{more}")
+    if not out and saved.get("weights") and actual.get("weights"):
+        if saved["weights"] != actual["weights"]:
+            line = f"weights differ: hash {saved['weights']} in the file, {actual['weights']} here"
+            if saved.get("dtype") != actual.get("dtype"):
+                line += (
+                    f" (saved on {saved.get('dtype')}, here {actual.get('dtype')}; a float16 "
+                    "copy of the same weights can differ by rounding)"
+                )
+            out.append(line)
+    return out

@@ -1,0 +1,249 @@
+"""PEFT's on-disk names and config for lorakit's adapters, both ways.
+
+PEFT saves an adapter of a model wrapped as ``PeftModel`` (every key starts ``base_model.model.``)
+with the adapter name taken out of every key:
+
+=====================================  ===========================================================
+``<path>.lora_A.weight``               A, (r, in); a convolution's (r, in, *kernel)
+``<path>.lora_B.weight``               B, (out, r); a convolution's (out, r, 1, ...)
+``<path>.lora_embedding_A``            an embedding's A, (r, num_embeddings); no ``.weight``
+``<path>.lora_embedding_B``            an embedding's B, (dim, r)
+``<path>.<name>``                      a ``modules_to_save`` copy's tensors (``classifier.weight``:
+                                       PEFT drops the ``modules_to_save.<adapter>.`` part)
+``<path>.base_layer.bias``             a targeted layer's bias (``bias="all"`` or ``"lora_only"``)
+``<path>.bias``                        any other bias (``bias="all"``)
+=====================================  ===========================================================
+
+GPT-2's ``Conv1D`` stores its weight transposed, but its A and B are laid out as for a linear
+layer; ``adapter_config.json`` then says ``fan_in_fan_out: true``. PEFT may also write base
+weights beside an adapter (``<path>.base_layer.weight`` of a targeted embedding, the input and
+output embeddings after a vocabulary resize, ``<path>.original_module.*`` with ``bias="all"``):
+lorakit reads those as optional base tensors.
+
+Fused-slice adapters (lorakit only) are written as the plain LoRA they equal: the adapted slices'
+A stacked, (m·r, in), B expanded to its block form, (out, m·r), at rank m·r with alpha scaled so
+the scale is unchanged. PEFT loads that file and computes the same outputs; lorakit reads the
+compact slice form back from the config it stores in the metadata (``lorakit.config``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import LoraConfig
+from ..errors import AdapterFileError
+from ..layers import LoraLayer, SavedModule
+from ..targeting import pattern_match
+
+PREFIX = "base_model.model."
+ROLES = ("lora_A", "lora_B", "saved", "bias", "base")
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """One tensor of an adapter file and the model tensor it belongs to."""
+
+    key: str  # the key in the file
+    module: str  # the module path, for messages
+    role: str  # one of ROLES
+    target: torch.Tensor  # the model's parameter or buffer
+    shape: tuple[int, ...]  # the shape in the file
+    layer: LoraLayer | None = None  # set for a fused-slice B, whose file layout differs
+
+    def pack(self, adapter_name: str) -> torch.Tensor:
+        """The tensor to write."""
+        if self.layer is not None:
+            return self.layer.effective_B(adapter_name).detach()
+        return self.target.detach()
+
+    def unpack(self, tensor: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """The file's tensor in the model's layout (a fused B back to its compact slices)."""
+        if self.layer is None:
+            return tensor
+        return _compact_B(self.layer, self.layer.r[adapter_name], tensor, self.key)
+
+
+def _key(path: str, rest: str) -> str:
+    return f"{PREFIX}{path}.{rest}" if path else f"{PREFIX}{rest}"
+
+
+def _wrappers(model: nn.Module) -> dict[str, nn.Module]:
+    # every path of a shared module: its state-dict keys appear under each
+    modules = model.named_modules(remove_duplicate=False)
+    return {p: m for p, m in modules if isinstance(m, (LoraLayer, SavedModule))}
+
+
+def _owner(key: str, wrappers: dict[str, nn.Module]) -> str | None:
+    if "" in wrappers:
+        return ""
+    parts = key.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        path = ".".join(parts[:i])
+        if path in wrappers:
+            return path
+    return None
+
+
+def slots(model: nn.Module, adapter_name: str, bias: str = "none") -> tuple[dict, dict]:
+    """(required, optional) slots of adapter ``adapter_name``, each ``{file key: Slot}``.
+
+    Required: the adapter's A and B, its ``modules_to_save`` copies and the biases its bias mode
+    trains. Optional: every other base tensor under the name PEFT would give it.
+    """
+    wrappers = _wrappers(model)
+    required: dict[str, Slot] = {}
+    optional: dict[str, Slot] = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        owner = _owner(key, wrappers)
+        if owner is None:
+            role = "bias" if bias == "all" and key.rsplit(".", 1)[-1] == "bias" else "base"
+            module = key.rpartition(".")[0]
+            slot = Slot(PREFIX + key, module, role, tensor, tuple(tensor.shape))
+            (required if role == "bias" else optional)[slot.key] = slot
+            continue
+        wrapper = wrappers[owner]
+        rest = key[len(owner) + 1 :] if owner else key
+        if isinstance(wrapper, LoraLayer):
+            _layer_slot(wrapper, owner, rest, tensor, adapter_name, bias, required, optional)
+        else:
+            _saved_slot(owner, rest, tensor, adapter_name, required, optional)
+    return required, optional
+
+
+def _layer_slot(layer, path, rest, tensor, adapter_name, bias, required, optional) -> None:
+    head, _, name = rest.partition(".")
+    if head in ("lora_A", "lora_B"):
+        if name != adapter_name:
+            return  # another adapter's tensor
+        letter = head[-1]
+        key = _key(
+            path, f"lora_embedding_{letter}" if layer.kind == "embedding" else f"{head}.weight"
+        )
+        shape = tuple(tensor.shape)
+        fused = None
+        if letter == "B" and layer.expands_B:
+            fused = layer
+            shape = (layer.out_features, layer.r[name] * sum(layer.slices))
+        required[key] = Slot(key, path, head, tensor, shape, fused)
+        return
+    key = _key(path, f"base_layer.{rest}")
+    trained = rest == "bias" and (
+        bias == "all" or (bias == "lora_only" and adapter_name in layer.lora_A)
+    )
+    slot = Slot(key, path, "bias" if trained else "base", tensor, tuple(tensor.shape))
+    (required if trained else optional)[key] = slot
+
+
+def _saved_slot(path, rest, tensor, adapter_name, required, optional) -> None:
+    head, _, tail = rest.partition(".")
+    if head == "original_module":
+        optional[_key(path, rest)] = Slot(
+            _key(path, rest), path, "base", tensor, tuple(tensor.shape)
+        )
+        return
+    name, _, param = tail.partition(".")  # head == "modules_to_save"
+    if name != adapter_name:
+        return
+    slot = Slot(_key(path, param), path, "saved", tensor, tuple(tensor.shape))
+    required[slot.key] = slot
+    # PEFT's bias="all" also writes the copy's bias as <path>.modules_to_save.bias
+    alias = _key(path, f"modules_to_save.{param}")
+    optional[alias] = dataclasses.replace(slot, key=alias)
+
+
+def _compact_B(layer: LoraLayer, r: int, full: torch.Tensor, key: str) -> torch.Tensor:
+    """A fused layer's B from its block form (out, m·r) back to (m·out/k, r), checking the rest
+    of the block form is zero (else the file holds a dense B that the slices cannot express)."""
+    size = layer._slice_size
+    rest = full.clone()
+    blocks = []
+    j = 0
+    for i, enabled in enumerate(layer.slices):
+        if enabled:
+            rows, cols = slice(i * size, (i + 1) * size), slice(j * r, (j + 1) * r)
+            blocks.append(full[rows, cols])
+            rest[rows, cols] = 0
+            j += 1
+    if bool(rest.any()):
+        raise AdapterFileError(
+            f"{key}: B has non-zero entries outside the blocks of its fused slices "
+            f"{list(layer.slices)}; the tensor does not come from a fused-slice adapter"
+        )
+    return torch.cat(blocks, 0)
+
+
+# -- adapter_config.json ----------------------------------------------------------------------
+_TASKS = (
+    ("ForCausalLM", "CAUSAL_LM"),
+    ("ForSequenceClassification", "SEQ_CLS"),
+    ("ForTokenClassification", "TOKEN_CLS"),
+    ("ForQuestionAnswering", "QUESTION_ANS"),
+)
+# Modules PEFT adds to modules_to_save by itself for a task type; a file may name them although the
+# model has none of them (PEFT skips a name that matches nothing).
+TASK_MODULES = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score")}
+
+
+def task_type(model: nn.Module) -> str | None:
+    """PEFT's task type for a transformers model class (None for other models)."""
+    name = type(model).__name__
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False) and name.endswith("ForConditionalGeneration"):
+        return "SEQ_2_SEQ_LM"
+    return next((task for suffix, task in _TASKS if name.endswith(suffix)), None)
+
+
+def base_name(model: nn.Module) -> str | None:
+    """``base_model_name_or_path`` as PEFT writes it (the model's ``name_or_path``)."""
+    config = getattr(model, "config", None)
+    name = getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None)
+    return str(name) if name else None
+
+
+def _lookup(patterns, path: str, default):
+    return next((v for k, v in patterns.items() if pattern_match(path, k)), default)
+
+
+def peft_config_dict(
+    model: nn.Module, adapter_name: str, config: LoraConfig, layers: list[tuple[str, LoraLayer]]
+) -> dict[str, Any]:
+    """``adapter_config.json`` for an adapter, its per-module ranks and alphas as PEFT will read
+    them: a layer whose rank or alpha in the file differs from what the config's patterns give
+    (fused slices, adapters built by ``combine``) gets its own exact-path pattern entry."""
+    data = (config.replace(fused_slices={}) if config.fused_slices else config).to_peft_dict()
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    for path, layer in layers:
+        r, alpha = layer.r[adapter_name], layer.alpha[adapter_name]
+        if not math.isclose(config.scaling(r, alpha), layer.scaling[adapter_name], rel_tol=1e-12):
+            raise AdapterFileError(
+                f"{path}: adapter {adapter_name!r} has scale {layer.scaling[adapter_name]}, which "
+                f"r={r}, alpha={alpha} do not give; it cannot be written in PEFT's format"
+            )
+        r_file = layer.lora_A[adapter_name].shape[0]
+        m = r_file // r
+        alpha_file = alpha * (math.sqrt(m) if config.use_rslora else m) if m > 1 else alpha
+        key = re.escape(path)
+        if r_file != _lookup(config.rank_pattern, path, config.r):
+            ranks[key] = r_file
+        if alpha_file != _lookup(config.alpha_pattern, path, config.alpha):
+            alphas[key] = alpha_file
+    # exact-path entries first: the first matching key wins, in PEFT as in lorakit
+    data["rank_pattern"] = {**ranks, **data["rank_pattern"]}
+    data["alpha_pattern"] = {**alphas, **data["alpha_pattern"]}
+    task = task_type(model)
+    data.update(
+        task_type=task,
+        base_model_name_or_path=base_name(model),
+        inference_mode=True,
+        fan_in_fan_out=any(layer.kind == "conv1d_gpt2" for _, layer in layers),
+        revision=None,
+        layers_pattern=None,
+    )
+    return dict(sorted(data.items()))
