@@ -6,7 +6,15 @@ functions that need them.
 
 from .combine import combine
 from .config import LoraConfig
-from .errors import AdapterError, ConfigError, LorakitError, MergeError, TargetError
+from .errors import (
+    AdapterError,
+    AdapterFileError,
+    ConfigError,
+    LorakitError,
+    MergeError,
+    TargetError,
+)
+from .io import export_merged, inspect_adapter, load_adapter, save_adapter
 from .model import (
     active_adapter,
     adapter_configs,
@@ -32,6 +40,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterError",
+    "AdapterFileError",
     "ConfigError",
     "LoraConfig",
     "LorakitError",
@@ -49,7 +58,10 @@ __all__ = [
     "count_parameters",
     "delete_adapter",
     "disable_adapters",
+    "export_merged",
+    "inspect_adapter",
     "list_adapters",
+    "load_adapter",
     "lora_layers",
     "merge",
     "merge_and_unload",
@@ -58,6 +70,7 @@ __all__ = [
     "plan",
     "print_trainable_parameters",
     "remove_lora",
+    "save_adapter",
     "set_adapter",
     "unmerge",
 ]
