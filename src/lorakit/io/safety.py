@@ -88,15 +88,16 @@ def check_target(target: Path, overwrite: bool, kind: str = "adapter") -> bool:
         others = [e for e in entries if (target / e).is_dir()]
         if "config.json" not in entries:
             others = others or ["no config.json"]
+    article = "an" if kind[0] in "aeiou" else "a"
     if others:
         shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
         raise AdapterFileError(
-            f"{target} is not empty and is not a {kind} directory ({shown}); lorakit only "
+            f"{target} is not empty and is not {article} {kind} directory ({shown}); lorakit only "
             f"replaces {kind} directories. Choose another directory"
         )
     if not overwrite:
         raise AdapterFileError(
-            f"{target} already holds a {kind} ({', '.join(entries[:5])}"
+            f"{target} already holds {article} {kind} ({', '.join(entries[:5])}"
             f"{', ...' if len(entries) > 5 else ''}); pass overwrite=True to replace it"
         )
     return True
