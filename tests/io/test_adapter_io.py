@@ -142,11 +142,12 @@ def test_config_records_task_type_fan_in_fan_out_and_base_name(tmp_path):
     config = json.loads((tmp_path / "g" / "adapter_config.json").read_text())
     assert config["fan_in_fan_out"] is True
     assert config["base_model_name_or_path"] == "openai-community/gpt2"
-    bert = lorakit.apply_lora(tiny_bert(), LoraConfig(r=2, target_modules=["query"]))
-    lorakit.save_adapter(bert, tmp_path / "b")
-    assert (
-        json.loads((tmp_path / "b" / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
-    )
+    # PEFT's SEQ_CLS wrapper insists on saving the classifier: named only when the adapter does
+    for saved, task in ((["classifier"], "SEQ_CLS"), (None, None)):
+        config = LoraConfig(r=2, target_modules=["query"], modules_to_save=saved)
+        lorakit.save_adapter(lorakit.apply_lora(tiny_bert(), config), tmp_path / f"b{task}")
+        written = json.loads((tmp_path / f"b{task}" / "adapter_config.json").read_text())
+        assert written["task_type"] == task
     conv = lorakit.apply_lora(conv_net(), LoraConfig(r=2, target_modules=["conv1"]))
     lorakit.save_adapter(conv, tmp_path / "c")
     assert json.loads((tmp_path / "c" / "adapter_config.json").read_text())["task_type"] is None

@@ -39,7 +39,7 @@ from torch import nn
 from ..config import LoraConfig
 from ..errors import AdapterFileError
 from ..layers import LoraLayer, SavedModule
-from ..targeting import pattern_match
+from ..targeting import pattern_match, suffix_match
 
 PREFIX = "base_model.model."
 ROLES = ("lora_A", "lora_B", "saved", "bias", "base")
@@ -238,6 +238,14 @@ def peft_config_dict(
     data["rank_pattern"] = {**ranks, **data["rank_pattern"]}
     data["alpha_pattern"] = {**alphas, **data["alpha_pattern"]}
     task = task_type(model)
+    if task in TASK_MODULES:
+        # PEFT's wrapper for this task saves the task's head modules itself and fails to load a
+        # file without them: name the task only when the adapter saves the heads the model has.
+        paths = [p for p, _ in model.named_modules() if p]
+        saved = config.modules_to_save or ()
+        heads = [h for h in TASK_MODULES[task] if any(suffix_match(p, h) for p in paths)]
+        if any(h not in saved for h in heads):
+            task = None
     data.update(
         task_type=task,
         base_model_name_or_path=base_name(model),
