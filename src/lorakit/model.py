@@ -271,6 +271,7 @@ def adapter_per_row(model: nn.Module, names: Sequence[str | None]) -> Iterator[n
         for _, layer in layers:
             layer._row_slots = None
             layer._rows_active = False
+            layer._stack_cache = None  # the stacked copy lives only as long as the block
         for m in saved:
             m._row_names = None
 

@@ -67,6 +67,7 @@ class LoraLayer(nn.Module):
         # Per-row adapter slots for a mixed batch (0 = base); None outside adapter_per_row().
         self._row_slots: torch.Tensor | None = None
         self._rows_active = False  # whether any row's slot is not 0 (the base)
+        self._stack_cache: tuple | None = None  # (key, (A stack, B stack)) for inference
         # The base module, kept without its tensors, to give back on unload (same class, hooks,
         # attributes). Not registered: it is not part of the module tree or the state dict.
         base._parameters["weight"] = None
@@ -141,6 +142,7 @@ class LoraLayer(nn.Module):
         if name in self.merged_adapters:
             raise MergeError(f"{self._where()}: adapter {name!r} is merged; unmerge it first")
         del self.lora_A[name], self.lora_B[name]
+        self._stack_cache = None
         for table in (self.r, self.alpha, self.scaling, self.dropout):
             del table[name]
         if self.active_adapter == name:
@@ -203,6 +205,27 @@ class LoraLayer(nn.Module):
         inference and training several adapters at once.
         """
         names = self.adapter_names
+        params = [*self._A.values(), *self._B.values()]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return self._build_stack(names)  # training: differentiable, built every call
+        if torch.compiler.is_compiling():
+            return self._build_stack(names)
+        # Inference: reuse the stack while no adapter tensor changed (same object, storage and
+        # in-place version) and the scales are the same.
+        key = (
+            tuple(names),
+            tuple((id(p), p.data_ptr(), p._version) for p in params),
+            tuple(self.scaling[n] for n in names),
+        )
+        cached = self._stack_cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        with torch.no_grad():
+            stack = self._build_stack(names)
+        self._stack_cache = (key, stack)
+        return stack
+
+    def _build_stack(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         rank = max(self.lora_A[n].shape[0] for n in names)
         a0 = self.lora_A[names[0]]
         b0 = self.effective_B(names[0])

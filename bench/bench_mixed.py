@@ -1,0 +1,157 @@
+"""Mixed-adapter batches: every row its own adapter, against the base and PEFT's ``adapter_names``.
+
+SmolLM2-135M-shaped Llama, q/k/v/o adapted at r=16. 16 distinct adapters on a batch of 16 rows ×
+64 tokens, and 64 adapters on 64 rows × 16 tokens. lorakit gathers each row's adapter from a stack
+padded to a common rank and adds all rows' updates with two batched matmuls per layer; PEFT loops
+over the adapters in the batch with boolean masks. Also: training 4 adapters at once (one
+forward/backward over a batch whose rows are tagged with their adapter) against training them one
+after another on the same rows.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+import _common as C
+
+NAME = "mixed"
+TITLE = "Mixed-adapter batches and several adapters trained at once (q/k/v/o, r=16)"
+ANCHOR_PACKAGES = ["peft", "transformers"]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+ROUNDS = 9
+
+
+def lorakit_many(base, n):
+    import lorakit
+
+    model = copy.deepcopy(base)
+    config = lorakit.LoraConfig(r=C.RANK, alpha=C.ALPHA, target_modules=TARGETS)
+    for i in range(n):
+        model = lorakit.apply_lora(model, config, f"a{i}")
+    bs = [layer.lora_B[name] for _, layer in lorakit.lora_layers(model) for name in layer.lora_B]
+    C.nonzero_b(bs)
+    return model.eval()
+
+
+def peft_many(base, n):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=C.RANK, lora_alpha=C.ALPHA, target_modules=TARGETS)
+    model = get_peft_model(copy.deepcopy(base), config, adapter_name="a0")
+    for i in range(1, n):
+        model.add_adapter(f"a{i}", config)
+    C.nonzero_b([p for name, p in model.named_parameters() if "lora_B" in name])
+    return model.eval()
+
+
+def copy_into_peft(ours, theirs) -> None:
+    """The same adapter weights on both sides, so both compute the same function."""
+    import lorakit
+
+    with torch.no_grad():
+        for path, layer in lorakit.lora_layers(ours):
+            target = theirs.base_model.model.get_submodule(path)
+            for name in layer.adapter_names:
+                target.lora_A[name].weight.copy_(layer.lora_A[name])
+                target.lora_B[name].weight.copy_(layer.lora_B[name])
+
+
+def mixed_forward(base, n, rows, tokens):
+    import lorakit
+
+    ours, theirs = lorakit_many(base, n), peft_many(base, n)
+    copy_into_peft(ours, theirs)
+    names = [f"a{i % n}" for i in range(rows)]
+    x = torch.randint(0, C.SMOLLM2["vocab_size"], (rows, tokens))
+
+    def run_ours():
+        with lorakit.adapter_per_row(ours, names):
+            return ours(input_ids=x, use_cache=False)
+
+    with torch.inference_mode():
+        # same answers first: a benchmark of a wrong computation is worth nothing
+        with lorakit.adapter_per_row(ours, names):
+            got = ours(input_ids=x, use_cache=False).logits
+        want = theirs(input_ids=x, adapter_names=names, use_cache=False).logits
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        times = C.interleaved(
+            {
+                "base": lambda: base(input_ids=x, use_cache=False),
+                "lorakit": run_ours,
+                "peft": lambda: theirs(input_ids=x, adapter_names=names, use_cache=False),
+            },
+            ROUNDS,
+        )
+    vs_base = C.median_ratio(times, "lorakit", "base")
+    peft_vs_base = C.median_ratio(times, "peft", "base")
+    vs_peft = C.median_ratio(times, "lorakit", "peft")
+    label = f"{n} adapters, {rows} rows x {tokens} tokens"
+    return [
+        C.row(
+            f"{label}: forward / base forward",
+            vs_base,
+            peft_vs_base,
+            "peft / base",
+            None,
+            "<= 1.10",
+            "x",
+        ),
+        C.row(
+            f"{label}: lorakit forward / peft forward", vs_peft, None, "", vs_peft, "<= 0.8x", "x"
+        ),
+    ]
+
+
+def train_several(base, n=4, rows=8, tokens=64, steps=3):
+    """n adapters trained at once on rows tagged with their adapter vs one after another."""
+    import lorakit
+
+    model = lorakit_many(base, n)
+    model.train()
+    x = torch.randint(0, C.SMOLLM2["vocab_size"], (n * rows, tokens))
+    names = [f"a{i // rows}" for i in range(n * rows)]
+    params = list(lorakit.adapter_parameters(model))
+    optimizer = torch.optim.SGD(params, lr=1e-3)
+
+    def together():
+        for _ in range(steps):
+            with lorakit.adapter_per_row(model, names):
+                loss = model(input_ids=x, labels=x, use_cache=False).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    def one_by_one():
+        for i in range(n):
+            lorakit.set_adapter(model, f"a{i}")
+            part = x[i * rows : (i + 1) * rows]
+            for _ in range(steps):
+                loss = model(input_ids=part, labels=part, use_cache=False).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+    times = C.interleaved({"together": together, "one_by_one": one_by_one}, 3)
+    ratio = C.median_ratio(times, "together", "one_by_one")
+    return [
+        C.row(
+            f"train {n} adapters at once / one after another ({n}x{rows} rows x {tokens} "
+            f"tokens, {steps} SGD steps)",
+            ratio,
+            None,
+            "",
+            ratio,
+            "",
+            "x",
+        )
+    ]
+
+
+def run(threads: int) -> list[dict]:
+    base = C.smollm2_shaped()
+    rows = mixed_forward(base, 16, 16, 64)
+    rows += mixed_forward(base, 64, 64, 16)
+    rows += train_several(base)
+    return rows
