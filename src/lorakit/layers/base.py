@@ -274,6 +274,8 @@ class LoraLayer(nn.Module):
         xs = x.reshape(n, -1, x.shape[-1]).to(a.dtype)  # (N, tokens, in)
         xa = torch.bmm(xs, a.transpose(1, 2))  # (N, tokens, R)
         flat = out.reshape(n, -1, out.shape[-1])
+        if flat.dtype == xa.dtype:  # the add fused into the batched GEMM: out is read once
+            return torch.baddbmm(flat, xa, b.transpose(1, 2)).view(out.shape)
         delta = torch.bmm(xa, b.transpose(1, 2))  # (N, tokens, out)
         return (flat + delta.to(out.dtype)).view(out.shape)
 
