@@ -34,6 +34,10 @@ class AdapterFileError(LorakitError, ValueError):
     file, a base model it was not saved for, or a write that would replace something it must not."""
 
 
+class QuantError(LorakitError, ValueError):
+    """A weight cannot be quantized, or quantized data is inconsistent with what it claims."""
+
+
 def gather(problems: list[str], error: type[LorakitError], header: str) -> None:
     """Raise ``error`` once with every problem listed, or return when there are none."""
     if not problems:

@@ -1,0 +1,231 @@
+"""Whole models: quantize their linear layers, load bitsandbytes checkpoints, report errors.
+
+``quantize(model)`` is QLoRA's first step (QLoRA paper, section 3): the frozen base's linear
+weights become NF4 with double quantization; LoRA adapters are then applied on top as usual and
+train in higher precision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from ..errors import QuantError, gather
+from .codebooks import check_quant_type
+from .linear import QuantLinear
+from .weight import QuantizedWeight
+
+_STATE_MARK = ".weight.quant_state."
+
+
+def _output_heads(model: nn.Module) -> set[int]:
+    """ids of the output head module(s): ``get_output_embeddings()``, else modules named lm_head."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    if head is not None:
+        return {id(head)}
+    return {id(m) for p, m in model.named_modules() if p.rsplit(".", 1)[-1] == "lm_head"}
+
+
+def _replace_everywhere(model: nn.Module, old: nn.Module, new: nn.Module, paths: list[str]) -> None:
+    for path in paths:
+        parent_path, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        if parent._modules.get(child) is old:
+            parent._modules[child] = new
+
+
+def quantize(
+    model: nn.Module,
+    quant_type: str = "nf4",
+    *,
+    double_quant: bool = True,
+    blocksize: int = 64,
+    skip: Iterable[str] = (),
+    compute_dtype: torch.dtype | None = None,
+    include_head: bool = False,
+) -> nn.Module:
+    """Replace the ``nn.Linear`` layers of ``model`` by frozen :class:`QuantLinear` layers.
+
+    ``quant_type`` is "nf4" (QLoRA's default), "fp4" or "int8"; ``blocksize`` one of 32..4096;
+    ``double_quant`` quantizes the block scales again (about 4.127 bits per weight for NF4 at
+    block 64). ``compute_dtype`` is the matmul dtype (default: each weight's own dtype).
+
+    Left in full precision: the output head (unless ``include_head``; a head tied to the input
+    embeddings always stays), modules named in ``skip`` (a name matches a module path equal to
+    it or ending in ``"." + name``), and a linear layer whose weight is shared with another
+    module. Quantize the base model before ``apply_lora``; the model is changed in place and
+    returned.
+    """
+    check_quant_type(quant_type)
+    skip = [skip] if isinstance(skip, str) else list(skip)
+    modules = list(model.named_modules(remove_duplicate=False))
+    heads = set() if include_head else _output_heads(model)
+    owners: dict[int, set[int]] = {}  # parameter id -> ids of the modules holding it
+    for _, module in modules:
+        for param in module._parameters.values():
+            if param is not None:
+                owners.setdefault(id(param), set()).add(id(module))
+    problems = [f"skip entry {s!r} matches no module" for s in skip if not _matches(modules, s)]
+    paths: dict[int, list[str]] = {}
+    chosen: dict[int, nn.Linear] = {}
+    for path, module in modules:
+        paths.setdefault(id(module), []).append(path)
+        if type(module) is not nn.Linear or id(module) in heads:
+            continue
+        if any(path == s or path.endswith("." + s) for s in skip):
+            continue
+        if owners[id(module.weight)] != {id(module)}:
+            continue  # tied to another module's weight: quantizing would untie it
+        chosen[id(module)] = module
+    # a module skipped at one of its paths stays whole everywhere
+    chosen = {
+        key: m
+        for key, m in chosen.items()
+        if not any(p == s or p.endswith("." + s) for p in paths[key] for s in skip)
+    }
+    if not chosen and not problems:
+        problems.append("found no nn.Linear layer to quantize (the output head is left alone)")
+    gather(problems, QuantError, f"cannot quantize {type(model).__name__}")
+    for key, linear in chosen.items():
+        new = QuantLinear.from_linear(
+            linear,
+            quant_type,
+            blocksize=blocksize,
+            double_quant=double_quant,
+            compute_dtype=compute_dtype,
+        )
+        if paths[key] == [""]:
+            return new
+        _replace_everywhere(model, linear, new, paths[key])
+    return model
+
+
+def _matches(modules: list[tuple[str, nn.Module]], name: str) -> bool:
+    return any(p == name or p.endswith("." + name) for p, _ in modules)
+
+
+def dequantize(model: nn.Module) -> nn.Module:
+    """Replace every :class:`QuantLinear` by a plain ``nn.Linear`` with the dequantized weight."""
+    if isinstance(model, QuantLinear):
+        return model.dequantized()
+    for path, module in list(model.named_modules()):
+        if isinstance(module, QuantLinear):
+            _replace_everywhere(model, module, module.dequantized(), [path])
+    return model
+
+
+def quantized_weights(model: nn.Module) -> Iterator[tuple[str, QuantizedWeight]]:
+    """(path, weight) for every quantized weight in the model (path ends in ``.weight``)."""
+    for path, module in model.named_modules():
+        if isinstance(module, QuantizedWeight):
+            yield path, module
+
+
+def load_quantized(
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    *,
+    compute_dtype: torch.dtype | None = None,
+    strict: bool = True,
+    assign: bool = False,
+):
+    """Load a state dict in bitsandbytes' 4-bit layout into a full-precision model.
+
+    Each ``nn.Linear`` whose weight has a ``quant_state`` entry becomes a :class:`QuantLinear`
+    holding the checkpoint's codes as they are (nothing is re-quantized); then the whole state
+    dict is loaded (``strict`` and ``assign`` as in ``load_state_dict``). The model may be built
+    on the meta device, with ``assign=True``. Returns ``load_state_dict``'s result.
+    """
+    problems = []
+    for path, module in list(model.named_modules()):
+        prefix = f"{path}.weight" if path else "weight"
+        if type(module) is not nn.Linear or not any(
+            k.startswith(prefix + ".quant_state.") for k in state_dict
+        ):
+            continue
+        entries = {
+            k[len(prefix) + 1 :] if k != prefix else "": v
+            for k, v in state_dict.items()
+            if k == prefix or k.startswith(prefix + ".")
+        }
+        try:
+            weight = QuantizedWeight.from_bnb(entries, compute_dtype)
+        except QuantError as exc:
+            problems.append(f"{prefix}: {exc}")
+            continue
+        if weight.shape != module.weight.shape:
+            problems.append(
+                f"{prefix}: the checkpoint holds shape {tuple(weight.shape)}, "
+                f"the model {tuple(module.weight.shape)}"
+            )
+            continue
+        if module.weight.device.type != "meta":
+            weight = weight.to(module.weight.device)
+        new = QuantLinear(weight, module.bias)
+        if not path:
+            model = new
+        else:
+            _replace_everywhere(model, module, new, [path])
+    gather(problems, QuantError, "cannot load the quantized checkpoint")
+    return model.load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+@dataclasses.dataclass(frozen=True)
+class RequantError:
+    """What quantizing a merged weight again cost, in the merged weight's own terms.
+
+    ``relative``: ‖Q(M) − M‖ / ‖M‖ for the merged weight M (Frobenius norms);
+    ``max_abs``: the largest |Q(M) − M|;
+    ``of_delta``: ‖Q(M) − M‖ / ‖ΔW‖, the error against the size of the adapter's update (above
+    1, the rounding is larger than what the adapter changed).
+    """
+
+    relative: float
+    max_abs: float
+    of_delta: float
+
+    def __str__(self) -> str:
+        return (
+            f"relative {self.relative:.4g}, max {self.max_abs:.3g}, "
+            f"{self.of_delta:.3g}x the adapter's update"
+        )
+
+
+def requantize(merged: torch.Tensor, like: QuantizedWeight) -> tuple[QuantizedWeight, RequantError]:
+    """Quantize a merged weight in ``like``'s format; the result and the error it introduced.
+
+    ``like`` is the quantized base the merge started from: the update is measured against its
+    dequantized values. The new weight records the error as ``requant_error``.
+    """
+    with torch.no_grad():
+        exact = merged.detach().float()
+        new = QuantizedWeight.quantize(
+            merged,
+            like.quant_type,
+            blocksize=like.blocksize,
+            double_quant=like.double_quant,
+            compute_dtype=like.compute_dtype,
+        )
+        diff = new.dequantize(torch.float32) - exact
+        delta = exact - like.dequantize(torch.float32)
+        norm, delta_norm = float(exact.norm()), float(delta.norm())
+        error = RequantError(
+            relative=float(diff.norm()) / norm if norm else 0.0,
+            max_abs=float(diff.abs().max()),
+            of_delta=float(diff.norm()) / delta_norm if delta_norm else float("inf"),
+        )
+    new.requant_error = error
+    return new, error
+
+
+def requantization_errors(model: nn.Module) -> dict[str, RequantError]:
+    """The error each re-quantized weight carries (``merge_and_unload(..., requantize=True)``)."""
+    return {
+        path: w.requant_error
+        for path, w in quantized_weights(model)
+        if getattr(w, "requant_error", None) is not None
+    }
