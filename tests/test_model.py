@@ -207,7 +207,15 @@ def test_remove_lora_gives_back_the_base(merged):
 
 
 # -- a mixed batch ---------------------------------------------------------------------------------
-def test_adapter_per_row_matches_running_each_row_alone():
+@pytest.fixture(params=["grouped", "stacked"])
+def mixed_path(request, monkeypatch):
+    """Run a mixed-batch test through both paths: rows grouped per adapter, and the padded stack."""
+    if request.param == "stacked":
+        monkeypatch.setattr(lorakit.layers.LoraLayer, "GROUPED_MAX_ADAPTERS", 0)
+    return request.param
+
+
+def test_adapter_per_row_matches_running_each_row_alone(mixed_path):
     reference, model = two_adapters()
     x = ids()
     with lorakit.adapter_per_row(model, MIXED_NAMES) as inside:
@@ -222,7 +230,7 @@ def test_adapter_per_row_matches_running_each_row_alone():
     torch.testing.assert_close(model(x), run_hand(hand_merged(reference, model, "a"), x))
 
 
-def test_adapter_per_row_gradients_come_from_each_adapters_own_rows():
+def test_adapter_per_row_gradients_come_from_each_adapters_own_rows(mixed_path):
     _, model = two_adapters()
     for p in lorakit.adapter_parameters(model):
         p.requires_grad_(True)

@@ -16,6 +16,7 @@ from torch import nn
 from . import layers as L
 from .config import LoraConfig
 from .errors import AdapterError, MergeError, gather
+from .quant import QuantizedWeight, quantized_weights
 from .targeting import parameter_line, plan
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]{0,99}")
@@ -261,17 +262,13 @@ def adapter_per_row(model: nn.Module, names: Sequence[str | None]) -> Iterator[n
     saved = [m for _, m in _wrappers(model) if isinstance(m, L.SavedModule)]
     try:
         for _, layer in layers:
-            slots = [layer.slot_of(n) for n in names]
-            layer._row_slots = torch.tensor(slots, dtype=torch.long, device=layer.weight.device)
-            layer._rows_active = any(slots)
+            layer.set_rows(names)
         for m in saved:
             m._row_names = list(names)
         yield model
     finally:
         for _, layer in layers:
-            layer._row_slots = None
-            layer._rows_active = False
-            layer._stack_cache = None  # the stacked copy lives only as long as the block
+            layer.clear_rows()
         for m in saved:
             m._row_names = None
 
@@ -311,7 +308,7 @@ def merge(model: nn.Module, adapter_name: str | None = None) -> list[str]:
             )
             continue
         with torch.no_grad():
-            new = layer.weight.float() + layer.delta_weight(name).to(layer.weight.device)
+            new = layer.dense_weight().float() + layer.delta_weight(name).to(layer.weight.device)
             if not bool(torch.isfinite(new).all()):
                 problems.append(f"{path}: merging {name!r} would write non-finite values")
             elif layer.weight.dtype != torch.float32 and not bool(
@@ -335,15 +332,27 @@ def unmerge(model: nn.Module) -> list[str]:
     return [path for path, layer in lora_layers(model) if layer.unmerge()]
 
 
-def merge_and_unload(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
+def merge_and_unload(
+    model: nn.Module, adapter_name: str | None = None, *, requantize: bool = False
+) -> nn.Module:
     """Merge the active adapter and give back plain torch modules: no lorakit class is left.
 
     Each LoRA layer is replaced by its original module (same class) holding the merged weight;
     a saved module (``modules_to_save``) by the adapter's trained copy.
+
+    On a quantized base (``lorakit.quantize``) the merge is ``dequantize(W) + s · B A`` in
+    float32. ``requantize=False`` gives back ``nn.Linear`` layers holding it in full precision
+    (the weight's original dtype): exact, at full-precision memory. ``requantize=True``
+    quantizes it again in the base's format and gives back ``QuantLinear`` layers: small, but
+    the rounding can be as large as the adapter's update; each re-quantized weight records the
+    error it introduced, listed per layer by ``lorakit.quant.requantization_errors(model)``.
     """
     if adapter_name is not None:
         set_adapter(model, adapter_name)
     merge(model)
+    if requantize:
+        for _, layer in lora_layers(model):
+            layer.requantize_merged()
     return _unload(model)
 
 
@@ -408,21 +417,28 @@ def _merged_entries(path: str, module: nn.Module) -> dict[str, torch.Tensor]:
     prefix = f"{path}." if path else ""
     if isinstance(module, L.SavedModule):
         return {prefix + k: v for k, v in module.unload().state_dict().items()}
-    weight = module.weight.detach()
     name = module._route
-    if name is not None:
-        merged = weight.float() + module.delta_weight(name).to(weight.device)
-        weight = merged.to(weight.dtype)
-    out = {prefix + "weight": weight}
+    if name is None and isinstance(module.weight, QuantizedWeight):  # unchanged: as stored
+        out = {prefix + k: v.detach() for k, v in module.weight.state_dict(prefix="weight.").items()}
+    else:
+        weight = module.dense_weight().detach()  # a quantized base merges in full precision
+        if name is not None:
+            merged = weight.float() + module.delta_weight(name).to(weight.device)
+            weight = merged.to(module.weight.dtype)
+        out = {prefix + "weight": weight}
     if module.bias is not None:
         out[prefix + "bias"] = module.bias.detach()
     return out
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters, each shared tensor counted once."""
+    """(trainable, total) parameters, each shared tensor counted once.
+
+    A quantized weight counts as the elements it stands for (frozen).
+    """
     seen: set[int] = set()
-    trainable = total = 0
+    trainable = 0
+    total = sum(w.numel() for _, w in quantized_weights(model))
     for p in model.parameters():
         if id(p) in seen:
             continue

@@ -27,12 +27,15 @@ weights.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AdapterError, MergeError
+from ..quant import QuantizedWeight, QuantLinear, requantize
+from ..quant.weight import hand_over_packed
 
 
 class LoraLayer(nn.Module):
@@ -67,10 +70,14 @@ class LoraLayer(nn.Module):
         # Per-row adapter slots for a mixed batch (0 = base); None outside adapter_per_row().
         self._row_slots: torch.Tensor | None = None
         self._rows_active = False  # whether any row's slot is not 0 (the base)
+        self._row_groups: list | None = None  # [(adapter, row indices)] for the grouped path
         self._stack_cache: tuple | None = None  # (key, (A stack, B stack)) for inference
         # The base module, kept without its tensors, to give back on unload (same class, hooks,
         # attributes). Not registered: it is not part of the module tree or the state dict.
-        base._parameters["weight"] = None
+        if isinstance(self.weight, QuantizedWeight):
+            base._modules["weight"] = None
+        else:
+            base._parameters["weight"] = None
         if "bias" in base._parameters:
             base._parameters["bias"] = None
         object.__setattr__(self, "_shell", base)
@@ -96,6 +103,15 @@ class LoraLayer(nn.Module):
     def effective_B(self, name: str) -> torch.Tensor:
         """The ``B`` the math uses; a fused-slice layer expands its compact B here."""
         return self.lora_B[name]
+
+    def dense_weight(self) -> torch.Tensor:
+        """The base weight as a tensor: dequantized to float32 when it is quantized."""
+        weight = self.weight
+        return weight.dequantize(torch.float32) if isinstance(weight, QuantizedWeight) else weight
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        hand_over_packed(self, state_dict, prefix)  # a quantized weight's codes sit at "weight"
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def init_adapter(self, a: torch.Tensor, b: torch.Tensor, init: str, r: int) -> None:
         """A random, B zero (LoRA paper 4.1; kaiming-uniform with a=sqrt(5) as PEFT does)."""
@@ -242,6 +258,54 @@ class LoraLayer(nn.Module):
             b_list.append(b)
         return torch.stack(a_list), torch.stack(b_list)
 
+    #: a mixed batch with at most this many distinct adapters in a layer is computed group by group
+    #: (rows gathered per adapter, two plain matmuls each, one index_add); more adapters use the
+    #: padded stack and two batched matmuls. Few groups: no padding, no per-row copies of A and B.
+    GROUPED_MAX_ADAPTERS = 4
+    #: layer kinds whose update is a plain pair of matmuls on the last axis (groupable)
+    _GROUPABLE = ("linear", "conv1d_gpt2")
+
+    def set_rows(self, names: Sequence[str | None]) -> None:
+        """Enter a mixed batch: row i adds adapter ``names[i]`` (None or absent here: nothing)."""
+        slots = [self.slot_of(n) for n in names]
+        device = self.weight.device
+        self._row_slots = torch.tensor(slots, dtype=torch.long, device=device)
+        self._rows_active = any(slots)
+        distinct = sorted(set(slots) - {0})
+        self._row_groups = None
+        if self.kind in self._GROUPABLE and len(distinct) <= self.GROUPED_MAX_ADAPTERS:
+            names_here = self.adapter_names
+            self._row_groups = [
+                (
+                    names_here[slot - 1],
+                    torch.tensor([i for i, x in enumerate(slots) if x == slot], device=device),
+                )
+                for slot in distinct
+            ]
+
+    def clear_rows(self) -> None:
+        """Leave a mixed batch and drop what it cached."""
+        self._row_slots = None
+        self._rows_active = False
+        self._row_groups = None
+        self._stack_cache = None  # the stacked copy lives only as long as the block
+
+    def _grouped_rows(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Mixed batch, few adapters: each adapter's rows gathered, updated by plain matmuls."""
+        rows, deltas = [], []
+        for name, index in self._row_groups:
+            xs = x.index_select(0, index)
+            p = self.dropout[name]
+            if p > 0.0 and self.training:
+                xs = F.dropout(xs, p, True)
+            a = self._A[name]
+            b = self.effective_B(name) if self.expands_B else self._B[name]
+            deltas.append(F.linear(F.linear(xs.to(a.dtype), a), b) * self.scaling[name])
+            rows.append(index)
+        index = rows[0] if len(rows) == 1 else torch.cat(rows)
+        delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas)
+        return out.index_add(0, index, delta.to(out.dtype))
+
     def _checked_row_slots(self, x: torch.Tensor) -> torch.Tensor:
         """The per-row slots, after checking there is one for every row of the batch."""
         slots = self._row_slots
@@ -257,6 +321,8 @@ class LoraLayer(nn.Module):
         slots = self._checked_row_slots(x)
         if not self._rows_active:  # decided in Python when the slots were set: no graph break
             return out
+        if self._row_groups is not None:
+            return self._grouped_rows(x, out)
         if self.training and any(p > 0 for p in self.dropout.values()):
             # per-row dropout probabilities: drop with each row's own p
             probs = torch.tensor([0.0, *self.dropout.values()], device=x.device)[slots]
@@ -285,6 +351,8 @@ class LoraLayer(nn.Module):
 
         The delta is computed in float32 and cast to the weight's dtype once. A merge that would
         write a non-finite value raises :class:`MergeError` and leaves the weight unchanged.
+        On a quantized weight the merged weight (dequantized base + delta) is held in full
+        precision and the quantized original is kept aside: ``unmerge`` restores it exactly.
         Returns whether the weight changed.
         """
         name = name or self.active_adapter
@@ -296,16 +364,29 @@ class LoraLayer(nn.Module):
         if self._row_slots is not None:
             raise MergeError(f"{self._where()}: cannot merge inside adapter_per_row()")
         with torch.no_grad():
-            new = self.weight.float() + self.delta_weight(name).to(self.weight.device)
+            new = self.dense_weight().float() + self.delta_weight(name).to(self.weight.device)
             new = new.to(self.weight.dtype)  # checked as written: float16 can overflow here
             self._check_finite(new, f"merging adapter {name!r}")
-            self.weight.copy_(new)
+            if isinstance(self.weight, QuantizedWeight):
+                object.__setattr__(self, "_quantized_base", self.weight)  # not in the state dict
+                self.weight = nn.Parameter(new, requires_grad=False)
+            else:
+                self.weight.copy_(new)
         self.merged_adapters.append(name)
         self._update_route()
         return True
 
     def unmerge(self) -> bool:
-        """Subtract every merged adapter's delta again (exact up to float rounding)."""
+        """Subtract every merged adapter's delta again (exact up to float rounding).
+
+        A quantized base gets its original quantized weight back, bit for bit.
+        """
+        original = self.__dict__.pop("_quantized_base", None)
+        if original is not None:
+            self.weight = original.to(self.weight.device)
+            self.merged_adapters.clear()
+            self._update_route()
+            return True
         changed = False
         with torch.no_grad():
             while self.merged_adapters:
@@ -327,10 +408,35 @@ class LoraLayer(nn.Module):
                 f"{self.weight.dtype} weight; the weight was left unchanged"
             )
 
+    def requantize_merged(self):
+        """Quantize a weight merged into full precision again, in its original format.
+
+        Only after ``merge`` on a quantized base; the result cannot be unmerged. Returns the
+        :class:`~lorakit.quant.RequantError` it introduced, or None when there is nothing to do.
+        """
+        original = self.__dict__.pop("_quantized_base", None)
+        if original is None:
+            return None
+        self.weight, error = requantize(self.weight, original)
+        return error
+
     def unload(self) -> nn.Module:
-        """The base module again (its own class), holding this layer's current weight and bias."""
+        """The base module again (its own class), holding this layer's current weight and bias.
+
+        A quantized base merged into full precision comes back as a plain ``nn.Linear``.
+        """
         shell = self._shell
+        if isinstance(self.weight, QuantizedWeight):
+            shell._modules["weight"] = self.weight
+            return self._with_bias(shell)
+        if isinstance(shell, QuantLinear):
+            shell = nn.Linear(
+                shell.in_features, shell.out_features, self.bias is not None, device="meta"
+            )
         shell._parameters["weight"] = self.weight
+        return self._with_bias(shell)
+
+    def _with_bias(self, shell: nn.Module) -> nn.Module:
         if "bias" in shell._parameters:
             shell._parameters["bias"] = self.bias
         return shell
