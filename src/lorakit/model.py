@@ -419,7 +419,8 @@ def _merged_entries(path: str, module: nn.Module) -> dict[str, torch.Tensor]:
         return {prefix + k: v for k, v in module.unload().state_dict().items()}
     name = module._route
     if name is None and isinstance(module.weight, QuantizedWeight):  # unchanged: as stored
-        out = {prefix + k: v.detach() for k, v in module.weight.state_dict(prefix="weight.").items()}
+        stored = module.weight.state_dict(prefix="weight.")
+        out = {prefix + k: v.detach() for k, v in stored.items()}
     else:
         weight = module.dense_weight().detach()  # a quantized base merges in full precision
         if name is not None:

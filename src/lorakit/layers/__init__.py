@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..quant import QuantLinear
 from .base import LoraLayer
 from .conv import LoraConv
 from .embedding import LoraEmbedding
@@ -41,6 +42,8 @@ def kind_of(module: nn.Module) -> tuple[str | None, str]:
     """(kind, reason): the LoRA kind for a base module, or None and why it cannot be adapted."""
     if isinstance(module, LoraLayer):
         return module.kind, ""
+    if isinstance(module, QuantLinear):  # a quantized base (lorakit.quant): LoRA as on nn.Linear
+        return LoraLinear.kind, ""
     if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
         return None, "it is the out_proj of nn.MultiheadAttention, which bypasses its forward"
     if isinstance(module, nn.Linear):

@@ -383,7 +383,9 @@ class LoraLayer(nn.Module):
         """
         original = self.__dict__.pop("_quantized_base", None)
         if original is not None:
-            self.weight = original.to(self.weight.device)
+            device = self.weight.device
+            del self._parameters["weight"]  # the merged full-precision weight goes
+            self.weight = original.to(device)
             self.merged_adapters.clear()
             self._update_route()
             return True
@@ -417,7 +419,9 @@ class LoraLayer(nn.Module):
         original = self.__dict__.pop("_quantized_base", None)
         if original is None:
             return None
-        self.weight, error = requantize(self.weight, original)
+        new, error = requantize(self.weight, original)
+        del self._parameters["weight"]
+        self.weight = new
         return error
 
     def unload(self) -> nn.Module:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..quant import QuantizedWeight, quantized_linear
 from .base import LoraLayer
 
 
@@ -105,7 +106,11 @@ class _LinearLike(LoraLayer):
 
 
 class LoraLinear(_LinearLike):
-    """LoRA around ``nn.Linear``: ``y = x Wᵀ + bias + s · (x Aᵀ) Bᵀ``."""
+    """LoRA around ``nn.Linear``: ``y = x Wᵀ + bias + s · (x Aᵀ) Bᵀ``.
+
+    Also around a :class:`~lorakit.quant.QuantLinear` (QLoRA): W is then a quantized weight,
+    dequantized on the fly in its compute dtype; the adapter math is the same.
+    """
 
     kind = "linear"
 
@@ -113,7 +118,10 @@ class LoraLinear(_LinearLike):
         super().__init__(base, base.in_features, base.out_features, slices)
 
     def base_forward(self, x):
-        return F.linear(x, self.weight, self.bias)
+        weight = self.weight
+        if isinstance(weight, QuantizedWeight):  # the one branch a quantized base needs
+            return quantized_linear(x, weight, self.bias)
+        return F.linear(x, weight, self.bias)
 
     def delta_weight(self, name):
         return self._delta_out_in(name)
