@@ -160,21 +160,20 @@ def test_missing_tensor(saved):
     assert "likely cause: an incomplete file" in message
 
 
-def test_extra_tensor(saved):
+@pytest.mark.parametrize(
+    "module, cause",
+    [
+        ("layers.0.mlp.up_proj", "the file adapts modules its adapter_config.json does not target"),
+        ("layers.7.self_attn.q_proj", "do not exist in LlamaForCausalLM (e.g. model.layers.7"),
+    ],
+)
+def test_extra_tensor(saved, module, cause):
     directory, _ = saved
-    extra = "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"
+    extra = f"base_model.model.model.{module}.lora_A.weight"
     rewrite(directory, lambda t: t.update({extra: torch.zeros(4, 64)}))
     message = assert_refused(directory, AdapterFileError, "unexpected in the file")
     assert f"{extra} (4, 64)" in message
-    assert "does not target" in message
-
-
-def test_tensor_for_a_module_the_model_lacks(saved):
-    directory, _ = saved
-    extra = "base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight"
-    rewrite(directory, lambda t: t.update({extra: torch.zeros(4, 64)}))
-    message = assert_refused(directory, AdapterFileError, "unexpected in the file")
-    assert "do not exist in LlamaForCausalLM (e.g. model.layers.7.self_attn.q_proj)" in message
+    assert cause in message
 
 
 def test_other_rank_in_config_than_in_tensors(saved):
@@ -337,47 +336,34 @@ def test_save_refusals_write_nothing(tmp_path):
 
 
 # -- interrupted saves --------------------------------------------------------------------------
-def test_failure_between_the_two_file_writes_keeps_the_old_adapter(saved, monkeypatch):
-    directory, model = saved
-    before = snapshot(directory.parent)
-    real = safety.write_file
+def fail_on_second_call(real, error):
     calls = []
 
-    def fail_second(path, data):
-        calls.append(path)
+    def wrapper(*args):
+        calls.append(args)
         if len(calls) == 2:
-            raise OSError(28, "No space left on device")
-        real(path, data)
+            raise error
+        return real(*args)
 
-    monkeypatch.setattr(safety, "write_file", fail_second)
-    new = randomise(lorakit.apply_lora(tiny_llama(), CONFIG), seed=9)
-    with pytest.raises(OSError, match="No space left"):
-        lorakit.save_adapter(new, directory, overwrite=True)
-    assert snapshot(directory.parent) == before  # old files intact, no temporary left
-    loaded = lorakit.load_adapter(tiny_llama(), directory)
-    assert torch.equal(logits(loaded, tokens(128)), logits(model, tokens(128)))
+    return wrapper
 
 
-def test_failure_while_renaming_in_puts_the_old_adapter_back(saved, monkeypatch):
-    """Without the atomic exchange: rename old away, rename new in (fails here), old back."""
+@pytest.mark.parametrize("where", ["between the file writes", "renaming the new directory in"])
+def test_interrupted_save_keeps_the_old_adapter(saved, monkeypatch, where):
     directory, model = saved
     before = snapshot(directory.parent)
-    monkeypatch.setattr(safety, "_exchange", lambda a, b: False)
-    real = os.replace
-    calls = []
-
-    def fail_second(src, dst):
-        calls.append(dst)
-        if len(calls) == 2:
-            raise OSError(5, "Input/output error")
-        real(src, dst)
-
-    monkeypatch.setattr(safety.os, "replace", fail_second)
+    if where == "between the file writes":
+        failing = fail_on_second_call(safety.write_file, OSError(28, "No space left on device"))
+        monkeypatch.setattr(safety, "write_file", failing)
+    else:  # without the atomic exchange: old renamed away, new renamed in (fails), old put back
+        monkeypatch.setattr(safety, "_exchange", lambda a, b: False)
+        failing = fail_on_second_call(os.replace, OSError(5, "Input/output error"))
+        monkeypatch.setattr(safety.os, "replace", failing)
     new = randomise(lorakit.apply_lora(tiny_llama(), CONFIG), seed=9)
-    with pytest.raises(OSError, match="Input/output"):
+    with pytest.raises(OSError, match="No space left|Input/output"):
         lorakit.save_adapter(new, directory, overwrite=True)
     monkeypatch.undo()
-    assert snapshot(directory.parent) == before
+    assert snapshot(directory.parent) == before  # old files intact, no temporary left
     loaded = lorakit.load_adapter(tiny_llama(), directory)
     assert torch.equal(logits(loaded, tokens(128)), logits(model, tokens(128)))
 

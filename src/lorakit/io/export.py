@@ -21,7 +21,7 @@ from torch import nn
 
 from ..model import merge_and_unload
 from . import safety
-from .adapter import load_adapter
+from .adapter import load_adapter, read_adapter
 from .base_models import load_base, recorded_dtype
 
 
@@ -47,6 +47,7 @@ def export_merged(
     """
     target = Path(out)
     replace = safety.check_target(target, overwrite, kind="model")
+    read_adapter(adapter, tensors=False).lora_config()  # a bad adapter fails before the base loads
     if isinstance(base, nn.Module):
         model = base
         recorded = getattr(getattr(model, "config", None), "dtype", None)

@@ -95,7 +95,7 @@ def format_adapter(info: dict[str, Any]) -> str:
         lines.append(f"base name  {peft['base_model_name_or_path']}")
     fingerprint = info["fingerprint"]
     lines.append(f"base       {fp.describe(fingerprint) if fingerprint else 'no fingerprint'}")
-    head = ("module", "kind", "r", "A", "B", "params")
+    head = ("module", "kind", "r", "A (or shape)", "B", "params")
     rows = [
         (
             m["path"],
