@@ -1,0 +1,31 @@
+"""Fine-tuning: data, the training loop, evaluation, checkpoints, metrics, plots and reports.
+
+``lorakit train config.yaml`` (see :mod:`lorakit.cli.train`) is :func:`load_config` then
+:func:`train`; both are usable from Python. The modules, in the order data flows through them:
+
+* ``config``: the YAML training config, validated before any weight loads;
+* ``data``: JSONL rows in three shapes, chat templates, loss masks, truncation, packing, batches;
+* ``loss``: cross entropy on the trained tokens only;
+* ``schedule``: warmup, then cosine or linear decay;
+* ``loop``: :func:`train`, the loop itself;
+* ``evaluate``: held-out loss and exact match by greedy generation;
+* ``checkpoint``: atomic checkpoints and exact resume;
+* ``metrics``, ``progress``: the logger interface, ``metrics.jsonl``, the console;
+* ``plot``, ``report``: ``loss.png`` and ``report.md``;
+* ``dates``: an example task generator (dates to ISO format).
+"""
+
+from .config import TrainConfig, load_config
+from .data import DataError
+from .evaluate import EvalResult
+from .loop import TrainingError, TrainResult, train
+
+__all__ = [
+    "DataError",
+    "EvalResult",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingError",
+    "load_config",
+    "train",
+]

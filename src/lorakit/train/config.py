@@ -1,0 +1,317 @@
+"""The training config: one YAML file in six sections, with dotted ``key=value`` overrides.
+
+```yaml
+model:      {source: null, dtype: float32}          # null: the embedded SmolLM2-135M-Instruct
+data:       {train: train.jsonl, eval: held_out.jsonl, max_length: 512}
+lora:       {r: 16, alpha: 32, target_modules: all-linear}   # the LoraConfig fields
+training:   {method: lora, steps: 150, batch_size: 8, lr: 2.0e-3}
+evaluation: {max_new_tokens: 16}
+output:     {dir: runs/demo}
+```
+
+Everything is checked here, before any weight is loaded: an unknown section or key is an error
+listing the valid ones, a value of the wrong type or out of range names its dotted key, and every
+problem is gathered and raised once as a :class:`~lorakit.ConfigError`. The config is frozen and
+never changed by the library.
+
+Paths: data files written in the YAML file are relative to the file's own directory (a config
+travels with its data); paths given on the command line, and ``output.dir``, are relative to the
+working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..config import LoraConfig
+from ..errors import ConfigError, gather
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """source: a transformers directory, a ``.gguf`` file, or null for the embedded default."""
+
+    source: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """JSONL files (see :mod:`lorakit.train.data`), truncation length, packing and templating."""
+
+    train: str | None = None
+    eval: str | None = None
+    max_length: int = 512
+    packing: bool = False
+    chat_template: bool = True
+    system_prompt: str | None = None
+
+
+@dataclass(frozen=True)
+class TrainingSection:
+    """The optimisation. ``steps`` are optimizer steps of ``batch_size * grad_accum`` rows; when it
+    is null, ``epochs`` passes over the training rows decide it."""
+
+    method: Literal["lora", "qlora", "full"] = "lora"
+    steps: int | None = None
+    epochs: float = 1.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float | None = 1.0
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    threads: int | None = None
+    log_every: int = 10
+    checkpoint_every: int = 0
+    resume: bool = False
+
+
+@dataclass(frozen=True)
+class EvaluationSection:
+    """Held-out loss every ``every`` steps (0: only before and after training) and exact match by
+    greedy generation before and after."""
+
+    every: int = 0
+    before: bool = True
+    exact_match: bool = True
+    max_rows: int | None = None
+    batch_size: int = 16
+    max_new_tokens: int = 32
+    samples: int = 5
+
+
+@dataclass(frozen=True)
+class OutputSection:
+    """Where the adapter, checkpoints, ``metrics.jsonl``, the plot and ``report.md`` go."""
+
+    dir: str = "runs/lorakit"
+    keep_checkpoints: int = 2
+    overwrite: bool = False
+    plot: bool = True
+    report: bool = True
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    evaluation: EvaluationSection = field(default_factory=EvaluationSection)
+    output: OutputSection = field(default_factory=OutputSection)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            out[f.name] = section.to_dict() if f.name == "lora" else dataclasses.asdict(section)
+        return out
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+
+
+SECTIONS = {
+    "model": ModelSection,
+    "data": DataSection,
+    "training": TrainingSection,
+    "evaluation": EvaluationSection,
+    "output": OutputSection,
+}
+# Checked positive (> 0) or non-negative (>= 0) after the types.
+POSITIVE = set(
+    "data.max_length training.batch_size training.grad_accum training.lr training.steps "
+    "training.epochs training.log_every training.threads training.max_grad_norm "
+    "evaluation.batch_size evaluation.max_new_tokens evaluation.max_rows".split()
+)
+NON_NEGATIVE = set(
+    "training.weight_decay training.warmup_steps training.min_lr_ratio training.checkpoint_every "
+    "evaluation.every evaluation.samples output.keep_checkpoints".split()
+)
+DATA_PATHS = ("train", "eval")
+
+
+def valid_keys() -> dict[str, list[str]]:
+    """Every section and its keys, in order."""
+    keys = {name: [f.name for f in dataclasses.fields(cls)] for name, cls in SECTIONS.items()}
+    keys["lora"] = [f.name for f in dataclasses.fields(LoraConfig)]
+    return {name: keys[name] for name in TrainConfig.__dataclass_fields__}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """The validated config from a YAML file (or defaults) and ``section.key=value`` overrides."""
+    import yaml
+
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+        data = raw.get("data")
+        if isinstance(data, dict):  # data files written in the file are relative to the file
+            for key in DATA_PATHS:
+                if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
+                    data[key] = str(path.parent / data[key])
+    problems: list[str] = []
+    for item in overrides:
+        key, eq, text = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not eq or not dot or not name:
+            problems.append(f"override {item!r}: expected section.key=value")
+            continue
+        try:
+            value = yaml.safe_load(text) if text else None
+        except yaml.YAMLError:
+            value = text
+        target = raw.setdefault(section, {})
+        if isinstance(target, dict):
+            target[name] = value
+    gather(problems, ConfigError, "bad command-line override")
+    return build(raw, source=str(path) if path else "config")
+
+
+def build(raw: dict[str, Any], source: str = "config") -> TrainConfig:
+    """A :class:`TrainConfig` from nested dicts, with every problem gathered into one error."""
+    problems: list[str] = []
+    keys = valid_keys()
+    for section in raw:
+        if section not in keys:
+            problems.append(f"unknown section {section!r}; valid sections: {', '.join(keys)}")
+    built: dict[str, Any] = {}
+    for name, cls in SECTIONS.items():
+        values = raw.get(name) or {}
+        if not isinstance(values, dict):
+            problems.append(f"{name}: expected a mapping of keys, got {type(values).__name__}")
+            continue
+        built[name] = _section(name, cls, values, problems)
+    lora = raw.get("lora") or {}
+    if not isinstance(lora, dict):
+        problems.append(f"lora: expected a mapping of keys, got {type(lora).__name__}")
+    else:
+        unknown = sorted(set(lora) - set(keys["lora"]))
+        for key in unknown:
+            problems.append(f"unknown key lora.{key}; valid keys: {', '.join(keys['lora'])}")
+        try:
+            if not unknown:
+                fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in lora.items()}
+                built["lora"] = LoraConfig(**fixed)
+        except ConfigError as e:
+            problems.append(f"lora: {e}")
+    if not problems:
+        _cross_checks(built, problems)
+    gather(problems, ConfigError, f"{source}: invalid training config")
+    return TrainConfig(**built)
+
+
+def _section(name: str, cls: type, values: dict[str, Any], problems: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    kept = {}
+    for key, value in values.items():
+        where = f"{name}.{key}"
+        if key not in hints:
+            problems.append(f"unknown key {where}; valid keys: {', '.join(fields)}")
+            continue
+        ok, value = _coerce(value, hints[key])
+        if not ok:
+            problems.append(f"{where}={value!r}: expected {_describe(hints[key])}")
+            continue
+        if value is not None and not isinstance(value, (bool, str)):
+            if where in POSITIVE and not value > 0:
+                problems.append(f"{where}={value!r}: must be greater than 0")
+                continue
+            if where in NON_NEGATIVE and not value >= 0:
+                problems.append(f"{where}={value!r}: must not be negative")
+                continue
+        kept[key] = value
+    return cls(**kept)
+
+
+def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
+    """(ok, value): ``value`` checked against a type hint. Numbers written as strings are read
+    (YAML 1.1 reads ``2e-3`` as a string); bools are never numbers."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None:
+        return type(None) in options, value
+    for option in options:
+        if typing.get_origin(option) is Literal:
+            if value in typing.get_args(option):
+                return True, value
+        elif option is bool:
+            if isinstance(value, bool):
+                return True, value
+        elif option in (int, float) and not isinstance(value, bool):
+            if isinstance(value, str):
+                try:
+                    value = float(value) if option is float else int(value)
+                except ValueError:
+                    continue
+            if option is float and isinstance(value, int):
+                value = float(value)
+            if isinstance(value, option) and value == value and abs(value) != float("inf"):
+                return True, value
+        elif option is str and isinstance(value, str):
+            return True, value
+    return False, value
+
+
+def _describe(hint: Any) -> str:
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    words = []
+    for option in options:
+        if typing.get_origin(option) is Literal:
+            words.append("one of " + ", ".join(map(repr, typing.get_args(option))))
+        elif option is type(None):
+            words.append("null")
+        else:
+            names = {int: "an integer", float: "a number", bool: "true or false"}
+            words.append(names.get(option, "a string"))
+    return " or ".join(words)
+
+
+def _cross_checks(built: dict[str, Any], problems: list[str]) -> None:
+    data, training, evaluation = built["data"], built["training"], built["evaluation"]
+    if data.train is None:
+        problems.append("data.train: the training JSONL file is required")
+    for key in DATA_PATHS:
+        value = getattr(data, key)
+        if value is not None and not Path(value).is_file():
+            problems.append(f"data.{key}={value!r}: no such file")
+    source = built["model"].source
+    if source is not None and not Path(source).exists():
+        problems.append(f"model.source={source!r}: no such file or directory")
+    if training.warmup_steps and training.steps and training.warmup_steps > training.steps:
+        problems.append(
+            f"training.warmup_steps={training.warmup_steps} is more than "
+            f"training.steps={training.steps}"
+        )
+    if training.min_lr_ratio > 1:
+        problems.append(f"training.min_lr_ratio={training.min_lr_ratio}: must be at most 1")
+    if evaluation.every and data.eval is None:
+        problems.append("evaluation.every is set but there is no data.eval file to evaluate on")
+    if training.method == "qlora":
+        import lorakit
+
+        if not hasattr(lorakit, "quantize"):
+            problems.append(
+                "training.method='qlora' needs lorakit.quantize (4-bit base weights), which "
+                "this version of lorakit does not have yet; use method 'lora'"
+            )

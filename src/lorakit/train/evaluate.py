@@ -1,0 +1,121 @@
+"""Evaluation on held-out rows: the loss, and exact match by greedy generation.
+
+* loss: the mean cross entropy per trained token (the training loss, on rows never trained on);
+* exact match: the model answers each row's prompt greedily (at most ``max_new_tokens``, stopping
+  at the end-of-turn token) and an answer counts when it equals the reference after stripping
+  surrounding whitespace. Prompts are batched with left padding, so every row's answer starts
+  right after its own prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data import Encoded, collate
+from .loss import token_loss
+
+
+@dataclass
+class EvalResult:
+    loss: float | None = None
+    exact: int | None = None  # rows answered exactly right
+    total: int = 0  # rows with a reference answer
+    samples: list[dict[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def accuracy(self) -> float | None:
+        return None if self.exact is None or not self.total else self.exact / self.total
+
+    def line(self) -> str:
+        parts = []
+        if self.loss is not None:
+            parts.append(f"loss {self.loss:.4f}")
+        if self.accuracy is not None:
+            parts.append(f"exact match {self.exact}/{self.total} ({100 * self.accuracy:.1f}%)")
+        return ", ".join(parts) or "nothing to evaluate"
+
+
+@torch.no_grad()
+def heldout_loss(model: nn.Module, rows: list[Encoded], batch_size: int, pad_id: int) -> float:
+    """Mean cross entropy per trained token over ``rows``."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        loss, n = token_loss(model, collate(rows[i : i + batch_size], pad_id))
+        total, count = total + loss.item(), count + n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    batch_size: int = 16,
+) -> list[str]:
+    """Greedy answers (decoded, special tokens dropped, stripped) to prompts given as token ids."""
+    was_training = model.training
+    model.eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths together
+    answers: dict[int, str] = {}
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = max(len(prompts[i]) for i in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):  # left padding: answers start at column `width`
+            ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+            mask[row, width - len(prompts[i]) :] = 1
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        for row, i in enumerate(chunk):
+            answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+    model.train(was_training)
+    return [answers[i] for i in range(len(prompts))]
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer: Any,
+    rows: list[Encoded],
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 32,
+    exact_match: bool = True,
+    samples: int = 5,
+) -> EvalResult:
+    """Held-out loss, and exact match over the rows that have a reference answer."""
+    import time
+
+    t0 = time.perf_counter()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    result = EvalResult(loss=heldout_loss(model, rows, batch_size, pad))
+    answerable = [r for r in rows if r.reference is not None]
+    if exact_match and answerable:
+        prompts = [r.prompt_ids for r in answerable]
+        outputs = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
+        result.total = len(answerable)
+        result.exact = sum(o == r.reference.strip() for o, r in zip(outputs, answerable))
+        for r, o in list(zip(answerable, outputs))[:samples]:
+            sample = {"where": r.where, "prompt": r.question, "reference": r.reference}
+            result.samples.append({**sample, "output": o})
+    result.seconds = time.perf_counter() - t0
+    return result

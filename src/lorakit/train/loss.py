@@ -1,0 +1,49 @@
+"""The training loss: next-token cross entropy on the trained tokens only.
+
+Position ``t`` of the logits predicts token ``t + 1``, so the targets are the labels shifted left
+by one; positions whose label is ``IGNORE`` (prompt, padding, user turns) add nothing. The loss of
+a step is the *sum* over its trained tokens divided by the number of trained tokens in the whole
+step (all micro-batches of a gradient-accumulation step together), so accumulating ``k`` micro-
+batches gives exactly the gradient of one batch ``k`` times larger.
+
+Logits are computed only where a target exists: transformers models take ``logits_to_keep``, a
+boolean (batch, seq) mask, and project only those hidden states onto the vocabulary. On a prompt-
+heavy task (a 50-token prompt, a 7-token answer) this skips most of the output-head work, which for
+a small model with a large vocabulary is a fifth of the forward pass. A model without that argument
+gets full logits, sliced afterwards: the same numbers, more work.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import IGNORE
+
+_KEEPS_LOGITS: dict[type, bool] = {}  # model class -> forward honours a boolean logits_to_keep
+
+
+def token_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(sum of the cross entropy over trained tokens, number of trained tokens) of one batch."""
+    labels = batch["labels"]
+    targets_mask = labels[:, 1:] != IGNORE  # (batch, seq - 1)
+    n = int(targets_mask.sum())
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = targets_mask  # logits at t predict label t + 1
+    targets = labels[:, 1:][targets_mask]  # (n,)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    cls = type(model)
+    if cls not in _KEEPS_LOGITS:
+        _KEEPS_LOGITS[cls] = "logits_to_keep" in inspect.signature(model.forward).parameters
+    logits = None
+    if _KEEPS_LOGITS[cls]:
+        logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
+        if logits.dim() != 2 or logits.shape[0] != n:  # an older forward that slices by position
+            _KEEPS_LOGITS[cls], logits = False, None
+    if logits is None:
+        logits = model(**inputs, use_cache=False).logits[:, :-1][targets_mask]  # (n, vocab)
+    loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+    return loss, n

@@ -1,0 +1,86 @@
+"""``report.md``: what was trained, how long it took, and what it learned, in one page.
+
+The report holds the resolved config, trainable and total parameters, the data (rows, truncated
+rows), time and peak memory, the evaluation before and after training side by side, a few held-out
+questions with the base model's and the trained model's answers, and the loss curve.
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .evaluate import EvalResult
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process (CPU), or peak allocated CUDA memory if larger."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    mb = rss / 1024 / (1024 if sys.platform == "darwin" else 1)  # bytes on macOS, KiB on Linux
+    if torch.cuda.is_available():
+        mb = max(mb, torch.cuda.max_memory_allocated() / 2**20)
+    return mb
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _eval_rows(before: EvalResult | None, after: EvalResult | None) -> list[str]:
+    def loss(r):
+        return "-" if r is None or r.loss is None else f"{r.loss:.4f}"
+
+    def exact(r):
+        if r is None or r.accuracy is None:
+            return "-"
+        return f"{r.exact}/{r.total} ({100 * r.accuracy:.1f}%)"
+
+    return [
+        "| | before training | after training |",
+        "|---|---|---|",
+        f"| held-out loss | {loss(before)} | {loss(after)} |",
+        f"| exact match | {exact(before)} | {exact(after)} |",
+    ]
+
+
+def render(summary: dict[str, Any], before: EvalResult | None, after: EvalResult | None) -> str:
+    """The report's markdown; ``summary`` holds the run's figures (see ``loop.train``)."""
+    s = summary
+    lines = [
+        f"# lorakit training report: {s['name']}",
+        "",
+        f"- model: {s['model']}; method: {s['method']}",
+        f"- trainable parameters: {s['trainable']:,} of {s['total']:,} "
+        f"({100 * s['trainable'] / max(s['total'], 1):.2f}%)",
+        f"- data: {s['train_rows']} training rows ({s['truncated']} truncated to "
+        f"{s['max_length']} tokens), {s['eval_rows']} held-out rows",
+        f"- steps: {s['steps']} of {s['batch_rows']} rows"
+        + (f" (resumed at step {s['start_step']})" if s["start_step"] else ""),
+        f"- time: {s['train_seconds']:.1f} s training ({s['step_seconds']:.2f} s/step, "
+        f"{s['tokens_per_s']:,.0f} tokens/s), {s['total_seconds']:.1f} s in all",
+        f"- peak memory: {s['peak_memory_mb']:,.0f} MB ({s['device']})",
+        f"- final training loss: {s['final_loss']:.4f}",
+        f"- torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"Python {platform.python_version()}",
+        "",
+        "## Evaluation",
+        "",
+        *_eval_rows(before, after),
+    ]
+    samples_after = after.samples if after else []
+    if samples_after:
+        before_out = {x["where"]: x["output"] for x in (before.samples if before else [])}
+        lines += ["", "## Sample generations (held-out)", ""]
+        lines += ["| prompt | expected | before | after |", "|---|---|---|---|"]
+        for x in samples_after:
+            cells = [x["prompt"], x["reference"], before_out.get(x["where"], "-"), x["output"]]
+            lines.append("| " + " | ".join(f"`{_cell(c)}`" for c in cells) + " |")
+    if s.get("plot"):
+        lines += ["", "## Loss", "", f"![loss curve]({Path(s['plot']).name})"]
+    lines += ["", "## Config", "", "```yaml", s["config_yaml"].rstrip(), "```", ""]
+    return "\n".join(lines)

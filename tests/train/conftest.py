@@ -1,0 +1,99 @@
+"""Shared pieces of the training tests: a character-level tokenizer with a chat template and a
+tiny Llama, both built in code (nothing downloaded), and a JSONL writer."""
+
+import json
+import string
+
+import pytest
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+SPECIALS = ["<pad>", "<unk>", "<s>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def char_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
+    """One token per printable character, plus the special tokens of a ChatML template."""
+    vocab = {t: i for i, t in enumerate(SPECIALS + list(string.printable))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    if chat_template:
+        fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_llama(vocab_size: int) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=vocab_size,
+        max_position_embeddings=256,
+        initializer_range=0.2,  # a frozen head with 0.02 weights cannot move the logits much
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=4,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config)
+
+
+def write_jsonl(path, rows) -> str:
+    """Rows are dicts (written as JSON) or raw strings (written as they are)."""
+    lines = [r if isinstance(r, str) else json.dumps(r) for r in rows]
+    path.write_text("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+@pytest.fixture
+def tokenizer():
+    return char_tokenizer()
+
+
+@pytest.fixture
+def tiny_model(tokenizer):
+    return tiny_llama(len(tokenizer))
+
+
+def date_rows(n: int, offset: int = 0) -> list[dict]:
+    """Tiny prompt/completion rows: a short question whose answer is a fixed function of it."""
+    return [
+        {"prompt": f"d{(i + offset) % 10}", "completion": f"{(i + offset) % 10}x"} for i in range(n)
+    ]
+
+
+def run_config(tmp_path, train_rows=None, eval_rows=None, **sections):
+    """A validated TrainConfig over JSONL files written to ``tmp_path``; ``sections`` are dicts
+    merged over small defaults (``training={"steps": 4}``)."""
+    from lorakit.train.config import build
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    raw = {
+        "data": {
+            "train": write_jsonl(tmp_path / "train.jsonl", train_rows or date_rows(24)),
+            "eval": write_jsonl(tmp_path / "eval.jsonl", eval_rows or date_rows(6, offset=3)),
+            "max_length": 64,
+        },
+        "lora": {"r": 4, "alpha": 8},
+        "training": {"steps": 4, "batch_size": 4, "lr": 1e-2, "log_every": 100},
+        "evaluation": {"before": False, "max_new_tokens": 4},
+        "output": {"dir": str(tmp_path / "run"), "plot": False, "report": False},
+    }
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return build(raw)

@@ -1,0 +1,80 @@
+"""``lorakit train``: the config and the data are checked before any model is loaded, and a good
+config trains and prints the evaluation before and after."""
+
+import argparse
+
+import pytest
+
+import lorakit.models
+from conftest import char_tokenizer, date_rows, tiny_llama, write_jsonl
+from lorakit.cli import train as train_cli
+
+
+def lorakit_train(*argv) -> int:
+    parser = argparse.ArgumentParser(prog="lorakit")
+    train_cli.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["train", *argv])
+    return args.run(args)
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the config and data were checked")
+
+    monkeypatch.setattr(lorakit.models, "load_model", refuse)
+
+
+@pytest.fixture
+def files(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", date_rows(8))
+    write_jsonl(tmp_path / "eval.jsonl", date_rows(4, offset=3))
+    (tmp_path / "run.yaml").write_text(
+        "data: {train: train.jsonl, eval: eval.jsonl}\n"
+        f"output: {{dir: {tmp_path / 'out'}, plot: false}}\n"
+        "training: {steps: 2, batch_size: 4}\nlora: {r: 4}\nevaluation: {max_new_tokens: 3}\n"
+    )
+    return tmp_path
+
+
+def test_a_bad_config_fails_fast_without_loading_a_model(files, capsys, no_model_loading):
+    code = lorakit_train(str(files / "run.yaml"), "training.lr=fast", "lora.rank=2", "x.y=1")
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "invalid training config (3 problems)" in err
+    assert "training.lr='fast': expected a number" in err
+    assert "unknown key lora.rank; valid keys: r, alpha" in err
+    assert "unknown section 'x'" in err
+
+
+def test_a_bad_data_line_fails_before_loading_a_model(files, capsys, no_model_loading):
+    with (files / "train.jsonl").open("a") as f:
+        f.write('{"prompt": "p", "completion": ""}\n')
+    assert lorakit_train(str(files / "run.yaml")) == 2
+    assert "train.jsonl:9: field 'completion' is empty" in capsys.readouterr().err
+
+
+def test_print_config_shows_the_resolved_config(files, capsys, no_model_loading):
+    assert lorakit_train(str(files / "run.yaml"), "training.lr=1e-3", "--print-config") == 0
+    out = capsys.readouterr().out
+    assert "  lr: 0.001\n" in out and "  r: 4\n" in out
+    assert str(files / "train.jsonl") in out
+
+
+def test_overrides_alone_without_a_file(files, capsys, no_model_loading):
+    train_file = files / "train.jsonl"
+    assert lorakit_train(f"data.train={train_file}", "lora.r=2", "--print-config") == 0
+    assert "  r: 2\n" in capsys.readouterr().out
+
+
+def test_train_runs_and_prints_before_and_after(files, capsys, monkeypatch):
+    tokenizer = char_tokenizer()
+    monkeypatch.setattr(
+        lorakit.models, "load_model", lambda *a, **k: (tiny_llama(len(tokenizer)), tokenizer)
+    )
+    assert lorakit_train(str(files / "run.yaml")) == 0
+    out = capsys.readouterr().out
+    assert "before training: loss" in out and "after training:  loss" in out
+    assert "exact match 0/4" in out
+    assert (files / "out" / "adapter" / "adapter_config.json").is_file()
+    assert (files / "out" / "report.md").is_file()
