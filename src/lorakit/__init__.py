@@ -12,6 +12,7 @@ from .errors import (
     ConfigError,
     LorakitError,
     MergeError,
+    QuantError,
     TargetError,
 )
 from .io import export_merged, inspect_adapter, load_adapter, save_adapter
@@ -34,6 +35,7 @@ from .model import (
     set_adapter,
     unmerge,
 )
+from .quant import quantize
 from .targeting import Plan, PlanRow, parameter_line, plan
 
 __version__ = "0.1.0"
@@ -47,6 +49,7 @@ __all__ = [
     "MergeError",
     "Plan",
     "PlanRow",
+    "QuantError",
     "TargetError",
     "__version__",
     "active_adapter",
@@ -69,6 +72,7 @@ __all__ = [
     "parameter_line",
     "plan",
     "print_trainable_parameters",
+    "quantize",
     "remove_lora",
     "save_adapter",
     "set_adapter",

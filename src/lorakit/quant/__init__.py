@@ -16,6 +16,7 @@ from .codebooks import NF4, QUANT_TYPES, codebook
 from .convert import (
     RequantError,
     dequantize,
+    hf_quantization_config,
     load_quantized,
     quantize,
     quantized_weights,
@@ -35,6 +36,7 @@ __all__ = [
     "RequantError",
     "codebook",
     "dequantize",
+    "hf_quantization_config",
     "load_quantized",
     "quantize",
     "quantized_linear",

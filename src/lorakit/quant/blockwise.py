@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
 import torch
 
 from ..errors import QuantError
@@ -91,8 +90,10 @@ class _Search:
         self.order = order.to(torch.uint8)
         # Every float32 whose top 16 bits are u lies between the two floats below (NaN cells
         # aside); if both fall in the same bucket, so does every value in the cell.
-        u = np.arange(65536, dtype=np.uint32) << np.uint32(16)
-        ends = torch.from_numpy(np.stack([u, u | np.uint32(0xFFFF)]).view(np.float32))
+        top = torch.arange(65536, dtype=torch.int64) << 16
+        bits = torch.stack([top, top | 0xFFFF])
+        bits = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32)  # as signed
+        ends = bits.view(torch.float32)
         first = torch.bucketize(ends.amin(0), self.bounds)
         last = torch.bucketize(ends.amax(0), self.bounds)
         settled = (first == last) & torch.isfinite(ends).all(0)

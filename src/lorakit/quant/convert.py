@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import QuantError, gather
-from .codebooks import check_quant_type
+from .codebooks import FOUR_BIT, check_quant_type
 from .linear import QuantLinear
 from .weight import QuantizedWeight
 
@@ -172,6 +172,35 @@ def load_quantized(
             _replace_everywhere(model, module, new, [path])
     gather(problems, QuantError, "cannot load the quantized checkpoint")
     return model.load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def hf_quantization_config(model: nn.Module) -> dict:
+    """The ``quantization_config`` transformers needs to load this model's 4-bit checkpoint.
+
+    Put it in ``config.json`` beside a state dict of the quantized model (``model.config.
+    quantization_config = ...`` before ``save_pretrained``) and ``from_pretrained`` rebuilds the
+    model with bitsandbytes' ``Linear4bit`` layers. Every quantized weight must share one
+    4-bit format; linear layers left in full precision are listed as skipped modules.
+    """
+    weights = [w for _, w in quantized_weights(model)]
+    formats = {(w.quant_type, w.double_quant, w.compute_dtype) for w in weights}
+    if len(formats) != 1 or weights[0].quant_type not in FOUR_BIT:
+        found = ", ".join(sorted(f"{t}{' + double quant' if d else ''}" for t, d, _ in formats))
+        raise QuantError(
+            f"transformers loads one 4-bit format (nf4 or fp4) per model; found {found or 'none'}"
+        )
+    quant_type, double_quant, compute_dtype = formats.pop()
+    skipped = sorted(p for p, m in model.named_modules() if type(m) is nn.Linear)
+    return {
+        "quant_method": "bitsandbytes",
+        "load_in_4bit": True,
+        "load_in_8bit": False,
+        "bnb_4bit_quant_type": quant_type,
+        "bnb_4bit_use_double_quant": double_quant,
+        "bnb_4bit_compute_dtype": str(compute_dtype).removeprefix("torch."),
+        "bnb_4bit_quant_storage": "uint8",
+        "llm_int8_skip_modules": skipped or None,
+    }
 
 
 @dataclasses.dataclass(frozen=True)
