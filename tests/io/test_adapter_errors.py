@@ -336,29 +336,30 @@ def test_save_refusals_write_nothing(tmp_path):
 
 
 # -- interrupted saves --------------------------------------------------------------------------
-def fail_on_second_call(real, error):
-    calls = []
+def fail(error):
+    def raise_(*args):
+        raise error
 
-    def wrapper(*args):
-        calls.append(args)
-        if len(calls) == 2:
-            raise error
-        return real(*args)
-
-    return wrapper
+    return raise_
 
 
 @pytest.mark.parametrize("where", ["between the file writes", "renaming the new directory in"])
 def test_interrupted_save_keeps_the_old_adapter(saved, monkeypatch, where):
     directory, model = saved
     before = snapshot(directory.parent)
-    if where == "between the file writes":
-        failing = fail_on_second_call(safety.write_file, OSError(28, "No space left on device"))
-        monkeypatch.setattr(safety, "write_file", failing)
+    if where == "between the file writes":  # the tensors are written, then the config fails
+        monkeypatch.setattr(safety, "write_file", fail(OSError(28, "No space left on device")))
     else:  # without the atomic exchange: old renamed away, new renamed in (fails), old put back
         monkeypatch.setattr(safety, "_exchange", lambda a, b: False)
-        failing = fail_on_second_call(os.replace, OSError(5, "Input/output error"))
-        monkeypatch.setattr(safety.os, "replace", failing)
+        real, calls = os.replace, []
+
+        def replace(src, dst):  # the first call moves the old directory away; the second fails
+            calls.append(dst)
+            if len(calls) == 2:
+                raise OSError(5, "Input/output error")
+            real(src, dst)
+
+        monkeypatch.setattr(safety.os, "replace", replace)
     new = randomise(lorakit.apply_lora(tiny_llama(), CONFIG), seed=9)
     with pytest.raises(OSError, match="No space left|Input/output"):
         lorakit.save_adapter(new, directory, overwrite=True)

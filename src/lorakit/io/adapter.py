@@ -61,8 +61,6 @@ def save_adapter(
     is replaced only with ``overwrite=True``; a directory holding other files never is.
     Returns the directory.
     """
-    from safetensors.torch import save
-
     from .. import __version__
 
     configs = adapter_configs(model)
@@ -72,7 +70,7 @@ def save_adapter(
     config = configs[adapter_name]
     layers = [(p, layer) for p, layer in lora_layers(model) if adapter_name in layer.lora_A]
     peft_dict = peft_config_dict(model, adapter_name, config, layers)
-    required, _ = slots(model, adapter_name, config.bias)
+    required, _ = slots(model, adapter_name, config.bias, optional=False)
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for key, slot in required.items():
@@ -88,14 +86,13 @@ def save_adapter(
     }
     if config.fused_slices:
         metadata[CONFIG_KEY] = json.dumps(config.to_dict(), sort_keys=True)
-    weights = save(tensors, metadata=metadata)
     config_text = json.dumps(peft_dict, indent=2, sort_keys=True) + "\n"
 
     target = Path(directory)
     replace = safety.check_target(target, overwrite)
     staged = safety.staging_dir(target)
     try:
-        safety.write_file(staged / WEIGHTS_FILE, weights)
+        safety.write_tensors(staged / WEIGHTS_FILE, tensors, metadata)
         safety.write_file(staged / CONFIG_FILE, config_text.encode())
         safety.publish(staged, target, replace)
     finally:

@@ -90,30 +90,43 @@ def _owner(key: str, wrappers: dict[str, nn.Module]) -> str | None:
     return None
 
 
-def slots(model: nn.Module, adapter_name: str, bias: str = "none") -> tuple[dict, dict]:
+def slots(
+    model: nn.Module, adapter_name: str, bias: str = "none", optional: bool = True
+) -> tuple[dict, dict]:
     """(required, optional) slots of adapter ``adapter_name``, each ``{file key: Slot}``.
 
     Required: the adapter's A and B, its ``modules_to_save`` copies and the biases its bias mode
-    trains. Optional: every other base tensor under the name PEFT would give it.
+    trains. Optional: every other base tensor under the name PEFT would give it; with
+    ``optional=False`` (saving) only what the required slots need is walked.
     """
     wrappers = _wrappers(model)
     required: dict[str, Slot] = {}
-    optional: dict[str, Slot] = {}
-    for key, tensor in model.state_dict(keep_vars=True).items():
-        owner = _owner(key, wrappers)
+    others: dict[str, Slot] = {}
+    for owner, key, tensor in _entries(model, wrappers, whole=optional or bias == "all"):
         if owner is None:
             role = "bias" if bias == "all" and key.rsplit(".", 1)[-1] == "bias" else "base"
             module = key.rpartition(".")[0]
             slot = Slot(PREFIX + key, module, role, tensor, tuple(tensor.shape))
-            (required if role == "bias" else optional)[slot.key] = slot
+            (required if role == "bias" else others)[slot.key] = slot
             continue
         wrapper = wrappers[owner]
         rest = key[len(owner) + 1 :] if owner else key
         if isinstance(wrapper, LoraLayer):
-            _layer_slot(wrapper, owner, rest, tensor, adapter_name, bias, required, optional)
+            _layer_slot(wrapper, owner, rest, tensor, adapter_name, bias, required, others)
         else:
-            _saved_slot(owner, rest, tensor, adapter_name, required, optional)
-    return required, optional
+            _saved_slot(owner, rest, tensor, adapter_name, required, others)
+    return required, others
+
+
+def _entries(model: nn.Module, wrappers: dict[str, nn.Module], whole: bool):
+    """(owner path or None, state-dict key, tensor): the whole model's, or only the wrappers'."""
+    if whole:
+        for key, tensor in model.state_dict(keep_vars=True).items():
+            yield _owner(key, wrappers), key, tensor
+        return
+    for path, wrapper in wrappers.items():
+        for rest, tensor in wrapper.state_dict(keep_vars=True).items():
+            yield path, f"{path}.{rest}" if path else rest, tensor
 
 
 def _layer_slot(layer, path, rest, tensor, adapter_name, bias, required, optional) -> None:
