@@ -289,3 +289,20 @@ def test_directory_listing_is_untouched_by_load(tmp_path):
     before = snapshot(tmp_path)
     lorakit.load_adapter(copy.deepcopy(tiny_llama()), tmp_path / "a")
     assert snapshot(tmp_path) == before
+
+
+def test_qlora_adapter_loads_on_its_quantized_base_and_on_the_float_original(tmp_path):
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    model = randomise(lorakit.apply_lora(lorakit.quantize(tiny_llama(), "nf4"), config))
+    lorakit.save_adapter(model, tmp_path / "a")
+    saved = read_adapter(tmp_path / "a", tensors=False).fingerprint
+    assert saved["dtype"] == "nf4" and saved["modules"]["model.layers.0.self_attn.q_proj"] == [
+        64,
+        64,
+    ]
+
+    same = lorakit.load_adapter(lorakit.quantize(tiny_llama(), "nf4"), tmp_path / "a")
+    assert torch.equal(logits(same, tokens(128)), logits(model, tokens(128)))
+    lorakit.load_adapter(tiny_llama(), tmp_path / "a")  # the float original, e.g. to merge there
+    with pytest.raises(lorakit.AdapterFileError, match="weights differ"):
+        lorakit.load_adapter(lorakit.quantize(tiny_llama(seed=1), "nf4"), tmp_path / "a")

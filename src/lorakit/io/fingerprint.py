@@ -14,6 +14,9 @@ first 16 hex digits) over each targeted module's path, shape and a strided sampl
 milliseconds for SmolLM2-135M's 210 linear layers), any change to a sampled value changes it, and
 the same weights held in float32 or bfloat16 hash alike (float16 copies may differ by rounding).
 It is ``None`` when the weights cannot be read (meta device) or an adapter is merged into them.
+A quantized base (``lorakit.quant``) is hashed by its packed codes and its ``dtype`` is the
+quantization type (``"nf4"``); its weights are not compared with a float base's, so a QLoRA adapter
+loads onto the full-precision model it was quantized from (to merge it there).
 
 PEFT writes no fingerprint; such files load without the check.
 """
@@ -48,16 +51,17 @@ def fingerprint(model: nn.Module, paths: Iterable[str]) -> dict[str, Any]:
         except AttributeError:
             module = None
         weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor):
+        values, kind = _weight_values(weight)
+        if values is None:
             modules[path] = None
             readable = False
             continue
         modules[path] = list(weight.shape)
-        dtype = dtype or str(weight.dtype).removeprefix("torch.")
+        dtype = dtype or kind
         merged = isinstance(module, LoraLayer) and module.merged_adapters
-        readable = readable and not merged and not weight.is_meta
+        readable = readable and not merged and not values.is_meta
         if readable:
-            flat = weight.detach().reshape(-1)
+            flat = values.detach().reshape(-1)
             samples.append(flat[:: max(1, flat.numel() // SAMPLE)][:SAMPLE].cpu())
     weights = None
     if readable:
@@ -71,6 +75,21 @@ def fingerprint(model: nn.Module, paths: Iterable[str]) -> dict[str, Any]:
         "modules": modules,
         "weights": weights,
     }
+
+
+def _weight_values(weight: Any) -> tuple[torch.Tensor | None, str]:
+    """(tensor to sample, dtype name): a float weight itself, or a quantized weight's packed codes
+    (``lorakit.quant``'s ``QuantizedWeight``, recognised by its attributes) named by its type."""
+    if isinstance(weight, torch.Tensor):
+        return weight, str(weight.dtype).removeprefix("torch.")
+    packed = getattr(weight, "packed", None)
+    if isinstance(packed, torch.Tensor) and getattr(weight, "quant_type", None):
+        return packed, str(weight.quant_type)
+    return None, ""
+
+
+def _quantized(fp: dict[str, Any]) -> bool:
+    return fp.get("dtype") not in (None, "float32", "float16", "bfloat16", "float64")
 
 
 def _as_bytes(samples: list[torch.Tensor]) -> bytes:
@@ -132,7 +151,10 @@ def differences(saved: dict[str, Any], actual: dict[str, Any]) -> list[str]:
     if shapes:
         more = f" (and {len(shapes) - 3} more)" if len(shapes) > 3 else ""
         out.append(f"{len(shapes)} weight shape(s) differ: {'; '.join(shapes[:3])}{more}")
-    if not out and saved.get("weights") and actual.get("weights"):
+    # A quantized base and its float original share no weight bytes; an adapter trained on one
+    # (QLoRA) is meant for the other too (merging), so their weights are not compared.
+    comparable = _quantized(saved) == _quantized(actual)
+    if not out and comparable and saved.get("weights") and actual.get("weights"):
         if saved["weights"] != actual["weights"]:
             line = f"weights differ: hash {saved['weights']} in the file, {actual['weights']} here"
             if saved.get("dtype") != actual.get("dtype"):
