@@ -211,3 +211,17 @@ def test_peft_adapter_with_another_name_and_a_second_adapter(tmp_path):
     ours = lorakit.load_adapter(ours, tmp_path / "p", "second", subfolder="second")
     assert lorakit.list_adapters(ours) == ["first", "second"]
     torch.testing.assert_close(logits(ours, tokens(128)), expected)
+
+
+def test_peft_classifier_adapter_loads_into_an_existing_lorakit_adapter(tmp_path):
+    theirs = peft.get_peft_model(
+        tiny_bert(), peft.LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS")
+    )
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_" in name or ".modules_to_save." in name:
+                p.normal_(0.0, 0.2)
+    theirs.save_pretrained(tmp_path / "p")
+    config = LoraConfig(r=2, alpha=8, target_modules=["query"], modules_to_save=["classifier"])
+    ours = lorakit.load_adapter(lorakit.apply_lora(tiny_bert(), config), tmp_path / "p")
+    torch.testing.assert_close(logits(ours, tokens(100)), _peft_out(theirs, tokens(100)))

@@ -239,13 +239,13 @@ def load_adapter(
     path = safety.safe_join(directory, subfolder) if subfolder is not None else Path(directory)
     file = read_adapter(path, allow_bin=allow_bin)
     config = file.lora_config()
+    config = _without_absent_task_modules(config, model, file.config.get("task_type"))
     _check_base(model, file, allow_base_mismatch)
     existing = adapter_configs(model).get(adapter_name)
     if existing is not None:
         _check_same_adapter(model, adapter_name, config, path)
         _load_tensors(model, file, adapter_name, existing.bias)
         return model
-    config = _without_absent_task_modules(config, model, file.config.get("task_type"))
     grads = {id(p): p.requires_grad for p in model.parameters()}
     active = active_adapter(model)
     had_configs = _CONFIGS_ATTR in vars(model)
