@@ -184,6 +184,13 @@ def test_other_rank_in_config_than_in_tensors(saved):
     assert "likely cause: another rank: the file has r=4 where the config gives r=8" in message
 
 
+def test_integer_tensor_where_a_float_belongs(saved):
+    directory, _ = saved
+    key = f"{Q0}.lora_A.weight"
+    rewrite(directory, lambda t: t.update({key: t[key].to(torch.int32)}))
+    assert_refused(directory, AdapterFileError, f"dtype mismatch: {key}: torch.int32 in the file")
+
+
 def test_errors_are_gathered_and_capped(saved):
     directory, _ = saved
 

@@ -332,13 +332,16 @@ def _load_tensors(model: nn.Module, file: AdapterFile, name: str, bias: str) -> 
     shapes = file.shapes
     missing = [slot for key, slot in required.items() if key not in shapes]
     unexpected = [key for key in shapes if key not in required and key not in optional]
-    mismatched = [
-        (slot, shapes[key])
-        for key, slot in {**optional, **required}.items()
-        if key in shapes and tuple(shapes[key]) != slot.shape
+    present = [(key, slot) for key, slot in {**optional, **required}.items() if key in shapes]
+    mismatched = [(slot, shapes[key]) for key, slot in present if tuple(shapes[key]) != slot.shape]
+    kinds = [
+        f"dtype mismatch: {key}: {file.tensors[key].dtype} in the file, {slot.target.dtype} here"
+        for key, slot in present
+        if file.tensors[key].is_floating_point() != slot.target.is_floating_point()
     ]
-    if missing or unexpected or mismatched:
-        raise AdapterFileError(_mismatch_report(model, file, missing, unexpected, mismatched))
+    if missing or unexpected or mismatched or kinds:
+        report = _mismatch_report(model, file, missing, unexpected, mismatched, kinds)
+        raise AdapterFileError(report)
     values = [(slot, slot.unpack(file.tensors[key], name)) for key, slot in required.items()]
     filled = {id(slot.target) for slot, _ in values}
     replaced = []
@@ -371,12 +374,13 @@ def _listing(header: str, lines: list[str]) -> str:
     return f"{header} ({len(lines)} problem(s)):\n" + "\n".join(f"  - {x}" for x in shown + more)
 
 
-def _mismatch_report(model, file, missing: list[Slot], unexpected: list[str], mismatched) -> str:
+def _mismatch_report(model, file, missing: list[Slot], unexpected, mismatched, kinds) -> str:
     lines = [f"missing from the file: {s.key} (expected {s.shape})" for s in missing]
     lines += [f"unexpected in the file: {k} {file.shapes[k]}" for k in unexpected]
     lines += [
         f"shape mismatch: {s.key}: expected {s.shape}, found {found}" for s, found in mismatched
     ]
+    lines += kinds
     causes = []
     rank_only = [(s, f) for s, f in mismatched if _differs_only_in_rank(s, f)]
     if rank_only:
