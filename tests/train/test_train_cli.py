@@ -1,20 +1,15 @@
 """``lorakit train``: the config and the data are checked before any model is loaded, and a good
 config trains and prints the evaluation before and after."""
 
-import argparse
-
 import pytest
 
 import lorakit.models
 from conftest import char_tokenizer, date_rows, tiny_llama, write_jsonl
-from lorakit.cli import train as train_cli
+from lorakit.cli.main import main
 
 
 def lorakit_train(*argv) -> int:
-    parser = argparse.ArgumentParser(prog="lorakit")
-    train_cli.add_parser(parser.add_subparsers())
-    args = parser.parse_args(["train", *argv])
-    return args.run(args)
+    return main(["train", *argv])
 
 
 @pytest.fixture
@@ -40,7 +35,7 @@ def files(tmp_path):
 def test_a_bad_config_fails_fast_without_loading_a_model(files, capsys, no_model_loading):
     code = lorakit_train(str(files / "run.yaml"), "training.lr=fast", "lora.rank=2", "x.y=1")
     err = capsys.readouterr().err
-    assert code == 2
+    assert code == 1
     assert "invalid training config (3 problems)" in err
     assert "training.lr='fast': expected a number" in err
     assert "unknown key lora.rank; valid keys: r, alpha" in err
@@ -50,7 +45,7 @@ def test_a_bad_config_fails_fast_without_loading_a_model(files, capsys, no_model
 def test_a_bad_data_line_fails_before_loading_a_model(files, capsys, no_model_loading):
     with (files / "train.jsonl").open("a") as f:
         f.write('{"prompt": "p", "completion": ""}\n')
-    assert lorakit_train(str(files / "run.yaml")) == 2
+    assert lorakit_train(str(files / "run.yaml")) == 1
     assert "train.jsonl:9: field 'completion' is empty" in capsys.readouterr().err
 
 

@@ -10,7 +10,6 @@ before and after training.
 from __future__ import annotations
 
 import argparse
-import sys
 
 EPILOG = """examples:
   lorakit train examples/date_demo.yaml
@@ -49,19 +48,14 @@ def split_items(items: list[str]) -> tuple[str | None, list[str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import LorakitError
     from ..train import load_config, train
 
-    try:
-        path, overrides = split_items(args.items)
-        config = load_config(path, overrides)
-        if args.print_config:
-            print(config.to_yaml(), end="")
-            return 0
-        result = train(config)
-    except LorakitError as e:
-        print(f"lorakit train: error: {e}", file=sys.stderr)
-        return 2
+    path, overrides = split_items(args.items)
+    config = load_config(path, overrides)  # everything is checked here, before any weight loads
+    if args.print_config:
+        print(config.to_yaml(), end="")
+        return 0
+    result = train(config)
     print()
     if result.before is not None:
         print(f"before training: {result.before.line()}")

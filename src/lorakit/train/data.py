@@ -254,6 +254,11 @@ class Formatter:
             last += 1
         return self._tokens(self._render(turns[:last], generation_prompt=True)), reference
 
+    def prompt_ids(self, text: str) -> list[int]:
+        """The ids a model answers ``text`` from: a user turn (in the template) or ``text``."""
+        turns = ({"role": "user", "content": text}, {"role": "assistant", "content": ""})
+        return self.generation_prompt(Example("prompt", turns))[0]
+
 
 def encode_all(examples: list[Example], formatter: Formatter) -> tuple[list[Encoded], int]:
     """Encode every example; (rows, how many were truncated). Problems are gathered and raised

@@ -9,12 +9,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..model import adapter_per_row
 from .data import Encoded, collate
 from .loss import token_loss
 
@@ -60,8 +63,13 @@ def generate(
     prompts: list[list[int]],
     max_new_tokens: int,
     batch_size: int = 16,
+    adapters: list[str | None] | None = None,
 ) -> list[str]:
-    """Greedy answers (decoded, special tokens dropped, stripped) to prompts given as token ids."""
+    """Greedy answers (decoded, special tokens dropped, stripped) to prompts given as token ids.
+
+    ``adapters``: the adapter that answers each prompt (``None``: the base model); the rows of one
+    batch may use different adapters (:func:`lorakit.adapter_per_row`). Default: the active one.
+    """
     was_training = model.training
     model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -75,17 +83,21 @@ def generate(
         for row, i in enumerate(chunk):  # left padding: answers start at column `width`
             ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
             mask[row, width - len(prompts[i]) :] = 1
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            pad_token_id=pad,
-            eos_token_id=tokenizer.eos_token_id,
-        )
+        per_row = contextlib.nullcontext()
+        if adapters is not None:
+            per_row = adapter_per_row(model, [adapters[i] for i in chunk])
+        with per_row:
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=pad,
+                eos_token_id=tokenizer.eos_token_id,
+            )
         for row, i in enumerate(chunk):
             answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
     model.train(was_training)
@@ -103,8 +115,6 @@ def evaluate(
     samples: int = 5,
 ) -> EvalResult:
     """Held-out loss, and exact match over the rows that have a reference answer."""
-    import time
-
     t0 = time.perf_counter()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     result = EvalResult(loss=heldout_loss(model, rows, batch_size, pad))
