@@ -195,12 +195,13 @@ def quantize_dynamic(x: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE):
     return q.view(-1)[:m], absmax
 
 
-def dequantize_dynamic(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int):
-    """``code[q] · absmax(block)`` in float32, (m,)."""
-    m = q.numel()
+def dequantize_dynamic(
+    q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, offset: float = 0.0
+) -> torch.Tensor:
+    """``code[q] · absmax(block) + offset`` in float32, (m,): two roundings, as bitsandbytes."""
     values = code.index_select(0, q.reshape(-1).to(torch.int32))
-    values = torch.nn.functional.pad(values, (0, -m % blocksize)).view(-1, blocksize)
-    return (values * absmax.unsqueeze(1)).view(-1)[:m]
+    _scale_blocks_(values, absmax, blocksize)
+    return values.add_(offset) if offset else values
 
 
 def double_quantize(absmax: torch.Tensor):
@@ -252,8 +253,14 @@ def dequantize_codes(
         else:
             idx = flat.to(torch.int32)
             torch.index_select(_nibble_table(code, 2), 0, idx, out=out.view(torch.int64))
+    return _scale_blocks_(out[:n], absmax, blocksize)
+
+
+def _scale_blocks_(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """Multiply each block of ``values`` (n,) by its absmax, in place; the last may be short."""
+    n = values.numel()
     full = n - n % blocksize
-    out[:full].view(-1, blocksize).mul_(absmax[: full // blocksize].unsqueeze(1))
+    values[:full].view(-1, blocksize).mul_(absmax[: full // blocksize].unsqueeze(1))
     if full < n:
-        out[full:n].mul_(absmax[-1])
-    return out[:n]
+        values[full:].mul_(absmax[-1])
+    return values

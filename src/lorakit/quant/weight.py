@@ -167,10 +167,9 @@ class QuantizedWeight(nn.Module):
         """The per-block absmax values in float32, undoing the double quantization if any."""
         if not self.double_quant:
             return self.absmax
-        values = bw.dequantize_dynamic(
-            self.absmax, self.nested_absmax, self.nested_code, bw.NESTED_BLOCKSIZE
+        return bw.dequantize_dynamic(
+            self.absmax, self.nested_absmax, self.nested_code, bw.NESTED_BLOCKSIZE, self.offset
         )
-        return values + self.offset
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight as a dense tensor of ``shape``, in ``dtype`` (default: its own dtype).
