@@ -58,12 +58,22 @@ def load_model(
     *,
     dtype: Any = None,
     use_cache: bool = True,
+    quantize: str | dict | None = None,
 ) -> tuple[Any, Any]:
     """(model, tokenizer) from a transformers directory, a ``.gguf`` file, or None (embedded).
 
     ``dtype``: a torch dtype for the weights (default float32). ``use_cache``: convert a GGUF
     file once into a safetensors directory under :func:`cache_dir` and load that afterwards.
+    ``quantize``: a quantization type ("nf4", "fp4", "int8") or a dict of
+    :func:`lorakit.quantize` options (``{"quant_type": "nf4", "compute_dtype": ...}``): the
+    loaded model's linear layers are quantized, QLoRA's base.
     """
+    if quantize is not None:
+        from .quant import quantize as quantize_model
+
+        options = {"quant_type": quantize} if isinstance(quantize, str) else dict(quantize)
+        model, tokenizer = load_model(source, dtype=dtype, use_cache=use_cache)
+        return quantize_model(model, **options), tokenizer
     import torch
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
