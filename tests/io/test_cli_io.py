@@ -62,7 +62,7 @@ def test_inspect_adapter_text(files, capsys):
     assert "model.layers.0.self_attn.q_proj linear 4 (4, 64) (64, 4) 512".split() in rows
     assert "lm_head.weight" in out and "saved" in out
     assert "LlamaForCausalLM (llama, float32), 4 modules, weights" in out
-    assert "4 adapted modules, 9,984 parameters in the file" in out  # 2·(512 + 384) + 128·64
+    assert "4 adapted modules, 9,984 trainable parameters" in out  # 2·(512 + 384) + 128·64
     assert "lorakit " in out and "KiB" in out
 
 
@@ -76,6 +76,7 @@ def test_inspect_adapter_json(files):
     q = info["modules"][0]
     assert (q["kind"], q["r"], q["A"], q["B"], q["params"]) == ("linear", 4, [4, 64], [64, 4], 512)
     assert info["params"] == 4 * 512 - 2 * 4 * 32 + 128 * 64  # v_proj outputs 32 (2 kv heads)
+    assert info["trainable_params"] == info["params"]
     assert info["config"]["modules_to_save"] == ["lm_head"]
     assert info["fingerprint"]["architecture"] == "LlamaForCausalLM"
     assert info["file_bytes"] == (adapter / "adapter_model.safetensors").stat().st_size

@@ -178,6 +178,8 @@ def test_peft_embedding_base_weights_are_loaded_like_peft_does(tmp_path):
         theirs.save_pretrained(tmp_path / "p")
     with pytest.warns(UserWarning, match="carries its own copy of 1 base tensor"):
         ours = lorakit.load_adapter(tiny_llama(), tmp_path / "p")
+    info = lorakit.inspect_adapter(tmp_path / "p")
+    assert info["params"] - info["trainable_params"] == 128 * 64  # the embedding's base weight
     x = tokens(128)
     torch.testing.assert_close(logits(ours, x), _peft_out(theirs, x))
 

@@ -3,7 +3,8 @@
 ``inspect_adapter`` reads ``adapter_config.json`` and the safetensors header (names, shapes and
 metadata; no tensor data) and returns a JSON-ready dict: the config, one row per adapted module
 (kind, rank, A and B shapes, parameters), the other tensors (``modules_to_save`` copies, biases,
-base tensors PEFT may carry), the parameter count, the file size and the base model fingerprint.
+base tensors PEFT may carry), the trainable parameter count, the file size and the base model
+fingerprint.
 ``format_adapter`` renders that dict as the text ``lorakit inspect`` prints.
 """
 
@@ -52,6 +53,7 @@ def inspect_adapter(directory: str | os.PathLike, *, allow_bin: bool = False) ->
         row["r"] = row["A"][0] if "A" in row else None
         row["params"] = sum(math.prod(row.get(x, [0])) for x in ("A", "B"))
     total = sum(math.prod(s) for s in file.shapes.values())
+    carried = sum(math.prod(o["shape"]) for o in others if o["role"] == "base")
     return {
         "path": str(file.directory),
         "weights_file": file.weights.name,
@@ -62,6 +64,7 @@ def inspect_adapter(directory: str | os.PathLike, *, allow_bin: bool = False) ->
         "modules": list(modules.values()),
         "other_tensors": others,
         "params": total,
+        "trainable_params": total - carried,
         "fingerprint": file.fingerprint,
     }
 
@@ -116,7 +119,9 @@ def format_adapter(info: dict[str, Any]) -> str:
         for r in [head, tuple("-" * w for w in widths), *rows]
     ]
     lines += ["", *table, ""]
+    carried = info["params"] - info["trainable_params"]
     lines.append(
-        f"{len(info['modules'])} adapted modules, {info['params']:,} parameters in the file"
+        f"{len(info['modules'])} adapted modules, {info['trainable_params']:,} trainable parameters"
+        + (f" (and {carried:,} base parameters the file carries)" if carried else "")
     )
     return "\n".join(lines)
