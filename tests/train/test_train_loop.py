@@ -86,6 +86,23 @@ def test_full_fine_tuning_trains_every_parameter(tmp_path):
     assert (result.saved / "config.json").is_file()
 
 
+def test_qlora_trains_adapters_over_a_4_bit_base(tmp_path):
+    from lorakit.quant import quantized_weights
+
+    tokenizer = char_tokenizer()
+    model = tiny_llama(len(tokenizer))
+    cfg = run_config(
+        tmp_path, training={"steps": 8, "method": "qlora"}, evaluation={"before": True}
+    )
+    result = run(cfg, model, tokenizer)
+    assert len(list(quantized_weights(model))) == 14  # 7 linear layers in each of 2 blocks
+    assert {id(p) for p in lorakit.adapter_parameters(model)} == {
+        id(p) for p in model.parameters() if p.requires_grad
+    }
+    assert result.after.loss < result.before.loss
+    assert (result.saved / "adapter_config.json").is_file()
+
+
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     tokenizer = char_tokenizer()
     formatter = Formatter(tokenizer, 64)
