@@ -38,7 +38,7 @@ class CheckpointError(LorakitError, RuntimeError):
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every trainable parameter, by its name in ``model`` (a shared tensor once)."""
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def rng_state() -> dict[str, Any]:

@@ -22,6 +22,7 @@ working directory.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,10 +35,12 @@ from ..errors import ConfigError, gather
 
 @dataclass(frozen=True)
 class ModelSection:
-    """source: a transformers directory, a ``.gguf`` file, or null for the embedded default."""
+    """source: a transformers directory, a ``.gguf`` file, or null for the embedded default.
+    device: ``cpu``, ``cuda``, ``cuda:1``, ``mps``, or ``auto`` (a GPU when there is one)."""
 
     source: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
 
 
 @dataclass(frozen=True)
@@ -295,6 +298,9 @@ def _cross_checks(built: dict[str, Any], problems: list[str]) -> None:
         value = getattr(data, key)
         if value is not None and not Path(value).is_file():
             problems.append(f"data.{key}={value!r}: no such file")
+    device = built["model"].device
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
+        problems.append(f"model.device={device!r}: expected cpu, cuda, cuda:N, mps or auto")
     source = built["model"].source
     if source is not None and not Path(source).exists():
         problems.append(f"model.source={source!r}: no such file or directory")

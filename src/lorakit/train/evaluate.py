@@ -49,8 +49,10 @@ def heldout_loss(model: nn.Module, rows: list[Encoded], batch_size: int, pad_id:
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    device = next(model.parameters()).device
     for i in range(0, len(rows), batch_size):
-        loss, n = token_loss(model, collate(rows[i : i + batch_size], pad_id))
+        batch = collate(rows[i : i + batch_size], pad_id)
+        loss, n = token_loss(model, {k: v.to(device) for k, v in batch.items()})
         total, count = total + loss.item(), count + n
     model.train(was_training)
     return total / max(count, 1)
@@ -75,6 +77,7 @@ def generate(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths together
     answers: dict[int, str] = {}
+    device = next(model.parameters()).device
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         width = max(len(prompts[i]) for i in chunk)
@@ -88,8 +91,8 @@ def generate(
             per_row = adapter_per_row(model, [adapters[i] for i in chunk])
         with per_row:
             out = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 temperature=None,

@@ -34,7 +34,7 @@ from .report import peak_memory_mb, render
 
 # Settings a resumed run may change; any other difference from the checkpoint's config is an error.
 RESUMABLE = set(
-    "training.resume training.log_every training.checkpoint_every training.threads "
+    "training.resume training.log_every training.checkpoint_every training.threads model.device "
     "output.keep_checkpoints output.overwrite output.plot output.report evaluation.before "
     "evaluation.exact_match evaluation.max_rows evaluation.batch_size evaluation.max_new_tokens "
     "evaluation.samples".split()
@@ -99,6 +99,8 @@ def train(
     random.seed(tc.seed)
     torch.manual_seed(tc.seed)  # LoRA's A matrices start random: the seed fixes them
     model = prepare_model(model, cfg)
+    device = _device(cfg.model.device)
+    model.to(device)
     trainable, total = count_parameters(model)
     say(f"{tc.method}: trainable {trainable:,} / {total:,} ({100 * trainable / total:.2f}%)")
 
@@ -161,7 +163,7 @@ def train(
     t_train = time.perf_counter()
     for step in range(start + 1, steps + 1):
         t0 = time.perf_counter()
-        micro = [collate(batches.next(), pad) for _ in range(tc.grad_accum)]
+        micro = [_to(collate(batches.next(), pad), device) for _ in range(tc.grad_accum)]
         n_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
         loss_sum = 0.0
         for batch in micro:  # gradient accumulation: sum over all trained tokens of the step
@@ -241,7 +243,7 @@ def train(
             "tokens_per_s": sum(r["tokens"] for r in done) / max(result.train_seconds, 1e-9),
             "total_seconds": time.perf_counter() - t_begin,
             "peak_memory_mb": result.peak_memory_mb,
-            "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "device": str(device),
             "final_loss": next(
                 (r["loss"] for r in reversed(records) if r["kind"] == "train"), float("nan")
             ),
@@ -303,6 +305,16 @@ def _prepare_output(out: Path, resume: bool, overwrite: bool) -> Path | None:
     for path in found:
         shutil.rmtree(path)
     return None
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def _check_same_run(saved: dict[str, dict], cfg: TrainConfig, where: Path) -> None:
