@@ -65,6 +65,19 @@ def test_nothing_is_saved_for_backward():
     assert x.grad is not None
 
 
+def test_layers_share_one_scratch_buffer_and_outputs_do_not_alias_it():
+    _, small = quant_linear()
+    big = QuantLinear.from_linear(nn.Linear(2 * IN, 3 * OUT))
+    x, x_big = torch.randn(2, IN), torch.randn(2, 2 * IN)
+    first = small(x)
+    out_big = big(x_big)
+    again = small(x)  # overwrites the scratch the big layer used
+    torch.testing.assert_close(first, reference(small, x).float())
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    torch.testing.assert_close(out_big, reference(big, x_big).float())
+    assert again.data_ptr() != first.data_ptr()
+
+
 def test_weight_is_frozen_and_has_no_gradient():
     _, layer = quant_linear()
     assert [n for n, p in layer.named_parameters() if p.requires_grad] == []

@@ -235,25 +235,37 @@ def _nibble_table(code: torch.Tensor, per_entry: int) -> torch.Tensor:
 
 
 def dequantize_codes(
-    packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, n: int, blocksize: int
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    n: int,
+    blocksize: int,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Float32 (n,) values ``code[q] · absmax`` from packed codes (4-bit) or one code a byte.
 
     4-bit: each pair of bytes (4 codes) is decoded by one gather from a 65,536-row table, then
-    each block is scaled in place; two passes over the output in all.
+    each block is scaled in place; two passes over the output in all. ``out``: a contiguous
+    float32 buffer of at least :func:`dense_size` elements to write into instead of a new one.
     """
     flat = packed.reshape(-1)
+    if out is None:
+        out = torch.empty(dense_size(packed, code), dtype=torch.float32, device=flat.device)
     if code.numel() != 16:  # 8-bit codes, one a byte
-        out = code.index_select(0, flat.to(torch.int32))
+        torch.index_select(code, 0, flat.to(torch.int32), out=out[:n])
+    elif flat.numel() % 2 == 0:
+        idx = flat.view(torch.uint16).to(torch.int32)  # 2 bytes = 4 codes per index
+        wide = out[: 2 * flat.numel()].view(torch.complex128)
+        torch.index_select(_nibble_table(code, 4), 0, idx, out=wide)
     else:
-        out = torch.empty(2 * flat.numel(), dtype=torch.float32, device=flat.device)
-        if flat.numel() % 2 == 0:
-            idx = flat.view(torch.uint16).to(torch.int32)  # 2 bytes = 4 codes per index
-            torch.index_select(_nibble_table(code, 4), 0, idx, out=out.view(torch.complex128))
-        else:
-            idx = flat.to(torch.int32)
-            torch.index_select(_nibble_table(code, 2), 0, idx, out=out.view(torch.int64))
+        wide = out[: 2 * flat.numel()].view(torch.int64)
+        torch.index_select(_nibble_table(code, 2), 0, flat.to(torch.int32), out=wide)
     return _scale_blocks_(out[:n], absmax, blocksize)
+
+
+def dense_size(packed: torch.Tensor, code: torch.Tensor) -> int:
+    """Elements :func:`dequantize_codes` writes (a 4-bit weight of odd size: one padding)."""
+    return packed.numel() * (2 if code.numel() == 16 else 1)
 
 
 def _scale_blocks_(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:

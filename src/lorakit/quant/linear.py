@@ -6,10 +6,13 @@ QLoRA trains adapters on top of a frozen quantized base (QLoRA paper, section 3)
 needs gradients for its input only, never for W. The backward pass therefore needs neither the
 input nor W from the forward pass: it dequantizes W again, ``dx = dy W``, and nothing the size of
 a weight is kept alive between forward and backward. Activation memory does not grow with the
-base weights.
+base weights. (On CPU one scratch buffer per thread, the size of the largest weight, is reused
+for every decode.)
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +22,25 @@ from torch.autograd.function import once_differentiable
 from ..errors import QuantError
 from .weight import QuantizedWeight, hand_over_packed
 
+_scratch = threading.local()
+
+
+def _dense(weight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """W for one matmul, dequantized into a scratch buffer that the next call overwrites.
+
+    On CPU a fresh buffer the size of a weight costs page faults on every call (allocations of
+    this size are mapped anew each time), as much as the decoding itself; so each thread keeps one
+    float32 buffer, as large as the largest weight it decoded, and reuses it. It never outlives
+    the matmul that reads it: nothing is saved for backward, which decodes again. Other devices
+    (where the caching allocator already reuses memory) and compiled graphs get a new tensor.
+    """
+    buffer = None
+    if weight.device.type == "cpu" and not torch.compiler.is_compiling():
+        buffer = getattr(_scratch, "buffer", None)
+        if buffer is None or buffer.numel() < weight.dense_size:
+            buffer = _scratch.buffer = torch.empty(weight.dense_size)
+    return weight.dequantize(torch.float32, out=buffer).to(dtype)
+
 
 class _DequantizedMatmul(torch.autograd.Function):
     """``x Wᵀ + bias`` with W dequantized in forward and again in backward (never saved)."""
@@ -26,14 +48,14 @@ class _DequantizedMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, weight: QuantizedWeight):
         ctx.weight = weight  # the module, not a tensor: backward rebuilds W from its codes
-        return F.linear(x, weight.dequantize(x.dtype), bias)
+        return F.linear(x, _dense(weight, x.dtype), bias)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad @ ctx.weight.dequantize(grad.dtype)  # (..., out) @ (out, in)
+            grad_x = grad @ _dense(ctx.weight, grad.dtype)  # (..., out) @ (out, in)
         if ctx.needs_input_grad[1]:
             grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
         return grad_x, grad_bias, None

@@ -159,6 +159,11 @@ class QuantizedWeight(nn.Module):
         return len(self.shape)
 
     @property
+    def dense_size(self) -> int:
+        """Float32 elements :meth:`dequantize` needs for its ``out`` buffer."""
+        return bw.dense_size(self.packed, self.code)
+
+    @property
     def nbytes(self) -> int:
         """Bytes of every tensor it holds (codes, scales, codebooks)."""
         return sum(b.numel() * b.element_size() for b in self.buffers())
@@ -171,13 +176,16 @@ class QuantizedWeight(nn.Module):
             self.absmax, self.nested_absmax, self.nested_code, bw.NESTED_BLOCKSIZE, self.offset
         )
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def dequantize(
+        self, dtype: torch.dtype | None = None, *, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The weight as a dense tensor of ``shape``, in ``dtype`` (default: its own dtype).
 
         Values are computed in float32 (``code[q] · absmax``) and cast once, as bitsandbytes does.
+        ``out``: a float32 buffer of at least :attr:`dense_size` elements for those values.
         """
         out = bw.dequantize_codes(
-            self.packed, self.scales(), self.code, self.numel(), self.blocksize
+            self.packed, self.scales(), self.code, self.numel(), self.blocksize, out
         ).view(self.shape)
         dtype = dtype or self.dtype
         return out if dtype == torch.float32 else out.to(dtype)
