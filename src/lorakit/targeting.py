@@ -29,6 +29,7 @@ from torch import nn
 from . import layers as L
 from .config import ALL_LINEAR, LoraConfig
 from .errors import TargetError, gather
+from .quant import quantized_weights
 
 LINEAR_KINDS = ("linear", "conv1d_gpt2")
 
@@ -291,7 +292,7 @@ def plan(model: nn.Module, config: LoraConfig) -> Plan:
     gather(problems, TargetError, f"cannot target {type(model).__name__}")
 
     seen: set[int] = set()
-    base_params = 0
+    base_params = sum(w.numel() for _, w in quantized_weights(model))  # frozen, not parameters
     for p in model.parameters():
         if id(p) not in seen:
             seen.add(id(p))

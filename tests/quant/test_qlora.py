@@ -236,3 +236,7 @@ def test_remove_lora_gives_back_the_quantized_layers(pair):
 def test_counts_include_the_quantized_weights(pair):
     qlora, lora = pair
     assert lorakit.count_parameters(qlora) == lorakit.count_parameters(lora)
+    base = quantize(tiny_llama())
+    the_plan = lorakit.plan(base, CONFIG)
+    adapted = lorakit.apply_lora(base, CONFIG)
+    assert (the_plan.trainable, the_plan.total) == lorakit.count_parameters(adapted)
