@@ -266,3 +266,5 @@ def test_outputs_metrics_plot_and_report(tmp_path):
     assert "| exact match | 0/6 (0.0%) |" in report
     assert "## Sample generations" in report and "`d3`" in report
     assert "peak memory:" in report and "```yaml" in report
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["after"]["total"] == 6 and summary["trainable"] == result.trainable

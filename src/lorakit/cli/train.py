@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 
+SAMPLES = 4  # held-out answers printed at the end (report.md has evaluation.samples of them)
+
 EPILOG = """examples:
   lorakit train examples/date_demo.yaml
   lorakit train examples/date_demo.yaml training.steps=60 output.dir=runs/short
@@ -57,6 +59,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     result = train(config)
     print()
+    if result.after is not None and result.after.samples:
+        before = {x["where"]: x["output"] for x in (result.before.samples if result.before else [])}
+        print("held-out answers after training (expected; before training):")
+        for x in result.after.samples[:SAMPLES]:
+            was = before.get(x["where"], "-")
+            print(f"  {x['prompt']} -> {x['output']!r} ({x['reference']}; {was[:24]!r})")
     if result.before is not None:
         print(f"before training: {result.before.line()}")
     if result.after is not None:

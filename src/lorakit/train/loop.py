@@ -10,6 +10,7 @@ through :class:`~lorakit.train.metrics.MetricLogger` (``log(kind, step, values)`
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import shutil
@@ -251,6 +252,9 @@ def train(
             "config_yaml": cfg.to_yaml(),
         }
         (out / "report.md").write_text(render(summary, result.before, result.after))
+        evals = {"before": _eval_dict(result.before), "after": _eval_dict(result.after)}
+        record = {k: v for k, v in summary.items() if k != "config_yaml"} | evals
+        (out / "summary.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     return result
 
 

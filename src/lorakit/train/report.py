@@ -2,7 +2,8 @@
 
 The report holds the resolved config, trainable and total parameters, the data (rows, truncated
 rows), time and peak memory, the evaluation before and after training side by side, a few held-out
-questions with the base model's and the trained model's answers, and the loss curve.
+questions with the base model's and the trained model's answers, and the loss curve. The same
+figures go to ``summary.json`` for programs (the benchmarks read it).
 """
 
 from __future__ import annotations
