@@ -7,6 +7,8 @@ is compared at default tolerances).
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -172,6 +174,14 @@ def test_quantize_replaces_linear_layers_but_not_the_head():
     plain = dequantize(model)
     assert type(plain.up) is nn.Linear
     torch.testing.assert_close(plain(ids), out)
+
+
+def test_quantize_lets_the_float_weights_go():
+    model = Tiny()
+    weights = [weakref.ref(model.up.weight), weakref.ref(model.down.weight)]
+    quantize(model)
+    gc.collect()
+    assert [w() for w in weights] == [None, None]
 
 
 def test_quantize_errors():

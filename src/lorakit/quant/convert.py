@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import QuantError, gather
+from .blockwise import check_blocksize
 from .codebooks import FOUR_BIT, check_quant_type
 from .linear import QuantLinear
 from .weight import QuantizedWeight
@@ -61,36 +62,37 @@ def quantize(
     returned.
     """
     check_quant_type(quant_type)
+    check_blocksize(blocksize)
     skip = [skip] if isinstance(skip, str) else list(skip)
-    modules = list(model.named_modules(remove_duplicate=False))
-    heads = set() if include_head else _output_heads(model)
+    paths: dict[int, list[str]] = {}  # module id -> every path it sits at
     owners: dict[int, set[int]] = {}  # parameter id -> ids of the modules holding it
-    for _, module in modules:
+    linears: dict[int, nn.Linear] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(module), []).append(path)
         for param in module._parameters.values():
             if param is not None:
                 owners.setdefault(id(param), set()).add(id(module))
-    problems = [f"skip entry {s!r} matches no module" for s in skip if not _matches(modules, s)]
-    paths: dict[int, list[str]] = {}
-    chosen: dict[int, nn.Linear] = {}
-    for path, module in modules:
-        paths.setdefault(id(module), []).append(path)
-        if type(module) is not nn.Linear or id(module) in heads:
-            continue
-        if any(path == s or path.endswith("." + s) for s in skip):
-            continue
-        if owners[id(module.weight)] != {id(module)}:
-            continue  # tied to another module's weight: quantizing would untie it
-        chosen[id(module)] = module
-    # a module skipped at one of its paths stays whole everywhere
-    chosen = {
-        key: m
-        for key, m in chosen.items()
-        if not any(p == s or p.endswith("." + s) for p in paths[key] for s in skip)
-    }
+        if type(module) is nn.Linear:
+            linears[id(module)] = module
+    every_path = [p for ps in paths.values() for p in ps]
+    problems = [
+        f"skip entry {s!r} matches no module"
+        for s in skip
+        if not any(_named(p, s) for p in every_path)
+    ]
+    heads = set() if include_head else _output_heads(model)
+    chosen = [
+        key
+        for key, linear in linears.items()
+        if key not in heads
+        and owners[id(linear.weight)] == {key}  # a weight tied elsewhere stays (and stays tied)
+        and not any(_named(p, s) for p in paths[key] for s in skip)
+    ]
     if not chosen and not problems:
         problems.append("found no nn.Linear layer to quantize (the output head is left alone)")
     gather(problems, QuantError, f"cannot quantize {type(model).__name__}")
-    for key, linear in chosen.items():
+    for key in chosen:
+        linear = linears.pop(key)  # held nowhere else once replaced: its float weight goes now
         new = QuantLinear.from_linear(
             linear,
             quant_type,
@@ -101,11 +103,13 @@ def quantize(
         if paths[key] == [""]:
             return new
         _replace_everywhere(model, linear, new, paths[key])
+        del linear
     return model
 
 
-def _matches(modules: list[tuple[str, nn.Module]], name: str) -> bool:
-    return any(p == name or p.endswith("." + name) for p, _ in modules)
+def _named(path: str, name: str) -> bool:
+    """Whether ``name`` names the module at ``path``: the path itself or its last parts."""
+    return path == name or path.endswith("." + name)
 
 
 def dequantize(model: nn.Module) -> nn.Module:
