@@ -15,7 +15,14 @@ from .errors import (
     QuantError,
     TargetError,
 )
-from .io import export_merged, inspect_adapter, load_adapter, save_adapter
+from .io import (
+    export_merged,
+    hotswap_adapter,
+    inspect_adapter,
+    load_adapter,
+    pad_adapter_rank,
+    save_adapter,
+)
 from .model import (
     active_adapter,
     adapter_configs,
@@ -62,6 +69,7 @@ __all__ = [
     "delete_adapter",
     "disable_adapters",
     "export_merged",
+    "hotswap_adapter",
     "inspect_adapter",
     "list_adapters",
     "load_adapter",
@@ -69,6 +77,7 @@ __all__ = [
     "merge",
     "merge_and_unload",
     "merged_state_dict",
+    "pad_adapter_rank",
     "parameter_line",
     "plan",
     "print_trainable_parameters",

@@ -4,19 +4,24 @@
 the key mapping of ``peft_format``, with the base model's ``fingerprint`` in the file and the
 crash-safe writes of ``safety``. ``export_merged`` (``export``) writes a plain transformers model
 directory with an adapter folded in; ``inspect_adapter`` (``inspect``) describes an adapter
-directory without loading a model. safetensors and transformers are imported when first used.
+directory without loading a model; ``hotswap_adapter`` (``hotswap``) replaces a loaded adapter's
+weights in place from another directory, without recompiling a compiled model. safetensors and
+transformers are imported when first used.
 """
 
 from .adapter import AdapterFile, load_adapter, read_adapter, save_adapter
 from .export import export_merged
+from .hotswap import hotswap_adapter, pad_adapter_rank
 from .inspect import format_adapter, inspect_adapter
 
 __all__ = [
     "AdapterFile",
     "export_merged",
     "format_adapter",
+    "hotswap_adapter",
     "inspect_adapter",
     "load_adapter",
+    "pad_adapter_rank",
     "read_adapter",
     "save_adapter",
 ]
