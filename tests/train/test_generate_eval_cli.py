@@ -1,15 +1,18 @@
 """``lorakit generate`` and ``lorakit eval`` with adapters trained by ``lorakit train``, on a tiny
 Llama (the model loader is replaced by one that builds it)."""
 
+import io
+
 import pytest
 
+import lorakit
 import lorakit.models
 from conftest import char_tokenizer, date_rows, run_config, tiny_llama
 from lorakit.cli.generate import adapter_names
 from lorakit.cli.main import main
 from lorakit.io import load_adapter
 from lorakit.train import train
-from lorakit.train.data import Formatter
+from lorakit.train.data import Example, Formatter
 from lorakit.train.evaluate import generate
 
 
@@ -73,3 +76,56 @@ def test_eval_with_a_config_uses_its_eval_file(adapters, capsys, tmp_path):
     assert main(["eval", str(config), f"data.eval={tmp_path / 't.jsonl'}"]) == 0
     out = capsys.readouterr().out
     assert "[base] loss " in out and "exact match" not in out  # text rows have no answer
+
+
+def _chat_reference(model, tokenizer, history):
+    """What chat should answer: greedy generation from the conversation in the template."""
+    turns = (*history, {"role": "assistant", "content": ""})
+    prompt, _ = Formatter(tokenizer, 10**9).generation_prompt(Example("t", turns, kind="messages"))
+    return generate(model, tokenizer, [prompt], max_new_tokens=4)[0]
+
+
+def test_chat_answers_turn_by_turn_with_the_whole_conversation(adapters, capsys, monkeypatch):
+    tmp_path, dirs = adapters
+    monkeypatch.setattr("sys.stdin", io.StringIO("d1\nd7\n/reset\nd1\n\nnot read\n"))
+    assert main(["chat", "--adapter", dirs[0], "--max-new-tokens", "4"]) == 0
+    answers = capsys.readouterr().out.split("\n")[:3]
+
+    tokenizer = char_tokenizer()
+    model = load_adapter(tiny_llama(len(tokenizer)), dirs[0]).eval()
+    first = _chat_reference(model, tokenizer, [{"role": "user", "content": "d1"}])
+    history = [
+        {"role": "user", "content": "d1"},
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": "d7"},
+    ]
+    assert answers == [first, _chat_reference(model, tokenizer, history), first]  # after /reset
+
+
+def test_chat_with_several_adapters_applies_them_together(adapters, capsys, monkeypatch):
+    tmp_path, dirs = adapters
+    monkeypatch.setattr("sys.stdin", io.StringIO("d3\n"))
+    assert main(["chat", "--adapter", dirs[0], "--adapter", dirs[1], "--max-new-tokens", "4"]) == 0
+    answer = capsys.readouterr().out.split("\n")[0]
+
+    tokenizer = char_tokenizer()
+    model = lorakit.merge_and_unload(load_adapter(tiny_llama(len(tokenizer)), dirs[0]))
+    # the first folded in (so the base differs from the one the second was saved for)
+    model = load_adapter(model, dirs[1], allow_base_mismatch=True).eval()
+    assert answer == _chat_reference(model, tokenizer, [{"role": "user", "content": "d3"}])
+
+
+def test_chat_without_a_template_sends_the_turns_as_plain_lines(adapters, capsys, monkeypatch):
+    tmp_path, dirs = adapters
+    monkeypatch.setattr("sys.stdin", io.StringIO("d1\nd2\n"))
+    assert main(["chat", "--no-chat-template", "--adapter", dirs[0], "--max-new-tokens", "3"]) == 0
+    answers = capsys.readouterr().out.split("\n")[:2]
+
+    tokenizer = char_tokenizer()
+    model = load_adapter(tiny_llama(len(tokenizer)), dirs[0]).eval()
+    plain = Formatter(tokenizer, 10**9, chat_template=False)
+    first = generate(model, tokenizer, [plain.prompt_ids("d1\n")], max_new_tokens=3)[0]
+    second = generate(model, tokenizer, [plain.prompt_ids(f"d1\n{first}\nd2\n")], max_new_tokens=3)[
+        0
+    ]
+    assert answers == [first, second]
