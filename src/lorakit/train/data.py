@@ -194,7 +194,8 @@ class Formatter:
                     "none (or data.chat_template is false); use prompt/completion rows"
                 )
             prompt, completion = turns[0]["content"], turns[1]["content"]
-            return [(self._tokens(prompt, special=True), False), (self._tokens(completion), True)]
+            completion_ids = self._tokens(completion) + [eos]  # a template ends turns itself
+            return [(self._tokens(prompt, special=True), False), (completion_ids, True)]
         if self.system_prompt is not None and turns[0]["role"] != "system":
             turns.insert(0, {"role": "system", "content": self.system_prompt})
         pieces, done = [], ""
@@ -223,9 +224,6 @@ class Formatter:
         for tokens, trained in self.pieces(ex):
             ids += tokens
             labels += tokens if trained else [IGNORE] * len(tokens)
-        if not self.use_template and ex.kind == "prompt":
-            ids.append(self.tokenizer.eos_token_id)  # the template ends turns itself
-            labels.append(self.tokenizer.eos_token_id)
         truncated = len(ids) > self.max_length
         ids, labels = ids[: self.max_length], labels[: self.max_length]
         if all(label == IGNORE for label in labels[1:]):
