@@ -129,12 +129,12 @@ def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
     A wrapper itself stays: a LoRA layer can take another adapter, a saved module another copy.
     """
-    out, skip = [], ()
-    for path, module in model.named_modules():
-        if skip and any(path.startswith(s) for s in skip):
+    out, skip = [], None
+    for path, module in model.named_modules():  # depth first: a wrapper's insides follow it
+        if skip is not None and path.startswith(skip):
             continue
         if isinstance(module, (L.LoraLayer, L.SavedModule)):
-            skip = (*skip, f"{path}." if path else "")
+            skip = f"{path}." if path else ""
         out.append((path, module))
     return out
 
