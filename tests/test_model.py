@@ -250,6 +250,31 @@ def test_adapter_per_row_gradients_come_from_each_adapters_own_rows(mixed_path):
             assert not p.requires_grad and p.grad is None
 
 
+def test_mixed_blocks_follow_changed_adapters_and_rows(mixed_path):
+    """Inference caches (the stack kept between blocks, each row's pick in one) never go stale."""
+    _, model = two_adapters()
+    x = ids()
+
+    def check(names):
+        with torch.no_grad(), lorakit.adapter_per_row(model, names):
+            mixed, again = model(x), model(x)  # the second call reuses the block's picks
+        assert torch.equal(mixed, again)
+        for i, name in enumerate(names):
+            lorakit.set_adapter(model, name)
+            with torch.no_grad():
+                torch.testing.assert_close(mixed[i : i + 1], model(x[i : i + 1]))
+
+    check(MIXED_NAMES)
+    check(list(reversed(MIXED_NAMES)))  # other rows, same adapters
+    with torch.no_grad():
+        for _, layer in lorakit.lora_layers(model):
+            if "a" in layer.lora_B:
+                layer.lora_B["a"].add_(0.5)  # changed in place, as an optimizer step does
+    check(MIXED_NAMES)
+    lorakit.delete_adapter(model, "b")
+    check([n if n != "b" else None for n in MIXED_NAMES])
+
+
 def test_adapter_per_row_all_base_rows_equal_the_base():
     reference, model = two_adapters()
     x = ids()

@@ -38,6 +38,11 @@ from ..quant import QuantizedWeight, QuantLinear, requantize
 from ..quant.weight import hand_over_packed
 
 
+def _no_autograd(out: torch.Tensor, a: torch.Tensor) -> bool:
+    """Whether autograd records nothing here, so the base output may be updated in place."""
+    return not (torch.is_grad_enabled() and (out.requires_grad or a.requires_grad))
+
+
 class LoraLayer(nn.Module):
     """Base class of every LoRA layer; see the module docstring."""
 
@@ -71,7 +76,11 @@ class LoraLayer(nn.Module):
         self._row_slots: torch.Tensor | None = None
         self._rows_active = False  # whether any row's slot is not 0 (the base)
         self._row_groups: list | None = None  # [(adapter, row indices)] for the grouped path
-        self._stack_cache: tuple | None = None  # (key, (A stack, B stack)) for inference
+        # Inference caches of the mixed-batch path. The stack of all adapters is kept while no
+        # adapter tensor changes (one extra copy of this layer's adapters, built on the first
+        # mixed batch); the per-row selection from it lives as long as one adapter_per_row block.
+        self._stack_cache: tuple | None = None  # (key, (A stack, B stack))
+        self._rows_cache: tuple | None = None  # (A stack, A per row, B per row)
         # The base module, kept without its tensors, to give back on unload (same class, hooks,
         # attributes). Not registered: it is not part of the module tree or the state dict.
         if isinstance(self.weight, QuantizedWeight):
@@ -268,6 +277,7 @@ class LoraLayer(nn.Module):
     def set_rows(self, names: Sequence[str | None]) -> None:
         """Enter a mixed batch: row i adds adapter ``names[i]`` (None or absent here: nothing)."""
         slots = [self.slot_of(n) for n in names]
+        self._rows_cache = None
         device = self.weight.device
         self._row_slots = torch.tensor(slots, dtype=torch.long, device=device)
         self._rows_active = any(slots)
@@ -288,7 +298,7 @@ class LoraLayer(nn.Module):
         self._row_slots = None
         self._rows_active = False
         self._row_groups = None
-        self._stack_cache = None  # the stacked copy lives only as long as the block
+        self._rows_cache = None  # the stack itself is kept for the next block (same adapters)
 
     def _grouped_rows(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Mixed batch, few adapters: each adapter's rows gathered, updated by plain matmuls."""
@@ -330,7 +340,12 @@ class LoraLayer(nn.Module):
             mask = torch.rand_like(x, dtype=torch.float32) < keep
             x = x * mask.to(x.dtype) / keep.to(x.dtype)
         a, b = self.stacked()
-        return self.rows_forward(x, out, a[slots], b[slots])
+        if a.requires_grad:  # training: gathered afresh, differentiable
+            return self.rows_forward(x, out, a[slots], b[slots])
+        cached = self._rows_cache  # inference: each row's A and B gathered once per block
+        if cached is None or cached[0] is not a:
+            cached = self._rows_cache = (a, a[slots], b[slots])
+        return self.rows_forward(x, out, cached[1], cached[2])
 
     def rows_forward(
         self, x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor
@@ -341,6 +356,8 @@ class LoraLayer(nn.Module):
         xa = torch.bmm(xs, a.transpose(1, 2))  # (N, tokens, R)
         flat = out.reshape(n, -1, out.shape[-1])
         if flat.dtype == xa.dtype:  # the add fused into the batched GEMM: out is read once
+            if _no_autograd(out, a):  # into the base output itself: no new (N, tokens, out)
+                return flat.baddbmm_(xa, b.transpose(1, 2)).view(out.shape)
             return torch.baddbmm(flat, xa, b.transpose(1, 2)).view(out.shape)
         delta = torch.bmm(xa, b.transpose(1, 2))  # (N, tokens, out)
         return (flat + delta.to(out.dtype)).view(out.shape)

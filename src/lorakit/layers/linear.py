@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quant import QuantizedWeight, quantized_linear
-from .base import LoraLayer
+from .base import LoraLayer, _no_autograd
 
 
 def _add_low_rank(
@@ -38,10 +38,10 @@ def _add_low_rank(
         x = x.to(a.dtype)
     xa = F.linear(x, a)  # (..., r)
     if xa.numel() > _FEW_TOKENS * a.shape[0] and out.dtype == xa.dtype and out.is_contiguous():
-        flat = torch.addmm(
-            out.reshape(-1, out.shape[-1]), xa.reshape(-1, xa.shape[-1]), b.t(), alpha=s
-        )
-        return flat.view(out.shape)
+        out2d, xa2d = out.reshape(-1, out.shape[-1]), xa.reshape(-1, xa.shape[-1])
+        if _no_autograd(out, a):  # into the base output itself: no new (tokens, out) tensor
+            return out2d.addmm_(xa2d, b.t(), alpha=s).view(out.shape)
+        return torch.addmm(out2d, xa2d, b.t(), alpha=s).view(out.shape)
     if torch.compiler.is_compiling():
         # Inductor (seen with torch 2.13 on CPU) drops the `alpha` of an add fused after a
         # linear, so compiled graphs scale explicitly, out of place.
