@@ -248,6 +248,12 @@ def adapter_per_row(model: nn.Module, names: Sequence[str | None]) -> Iterator[n
     batched matmul. Adapters may differ in rank and in the modules they target (a layer without a
     row's adapter adds nothing for that row). Works for training: each adapter gets gradient only
     from its own rows.
+
+    Memory, in inference: the first mixed batch stacks each layer's adapters into one tensor (a
+    second copy of the adapters), kept for later blocks while none of them changes and dropped by
+    ``delete_adapter``; each row's pick from it lives until the block ends. Up to
+    ``LoraLayer.GROUPED_MAX_ADAPTERS`` distinct adapters in a layer are applied group by group from
+    the parameters themselves, with no copy.
     """
     configs = adapter_configs(model)
     unknown = sorted({n for n in names if n is not None and n not in configs})
