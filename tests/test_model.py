@@ -257,8 +257,9 @@ def test_mixed_blocks_follow_changed_adapters_and_rows(mixed_path):
 
     def check(names):
         with torch.no_grad(), lorakit.adapter_per_row(model, names):
-            mixed, again = model(x), model(x)  # the second call reuses the block's picks
-        assert torch.equal(mixed, again)
+            # the first call gathers each row's pick, the second keeps it, the third reuses it
+            mixed, again, third = model(x), model(x), model(x)
+        assert torch.equal(mixed, again) and torch.equal(mixed, third)
         for i, name in enumerate(names):
             lorakit.set_adapter(model, name)
             with torch.no_grad():

@@ -80,7 +80,7 @@ class LoraLayer(nn.Module):
         # adapter tensor changes (one extra copy of this layer's adapters, built on the first
         # mixed batch); the per-row selection from it lives as long as one adapter_per_row block.
         self._stack_cache: tuple | None = None  # (key, (A stack, B stack))
-        self._rows_cache: tuple | None = None  # (A stack, A per row, B per row)
+        self._rows_cache: tuple | None = None  # (A stack, A per row or None, B per row or None)
         # The base module, kept without its tensors, to give back on unload (same class, hooks,
         # attributes). Not registered: it is not part of the module tree or the state dict.
         if isinstance(self.weight, QuantizedWeight):
@@ -342,10 +342,16 @@ class LoraLayer(nn.Module):
         a, b = self.stacked()
         if a.requires_grad:  # training: gathered afresh, differentiable
             return self.rows_forward(x, out, a[slots], b[slots])
-        cached = self._rows_cache  # inference: each row's A and B gathered once per block
-        if cached is None or cached[0] is not a:
-            cached = self._rows_cache = (a, a[slots], b[slots])
-        return self.rows_forward(x, out, cached[1], cached[2])
+        # Inference: each row's A and B are gathered afresh on a block's first call and freed
+        # after it (a single forward keeps no activation-sized copies alive across layers); from
+        # the second call on (generation steps) they are kept until the block ends.
+        cached = self._rows_cache
+        if cached is not None and cached[0] is a and cached[1] is not None:
+            return self.rows_forward(x, out, cached[1], cached[2])
+        picks = a[slots], b[slots]
+        repeat = cached is not None and cached[0] is a
+        self._rows_cache = (a, *picks) if repeat else (a, None, None)
+        return self.rows_forward(x, out, *picks)
 
     def rows_forward(
         self, x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor
