@@ -251,7 +251,8 @@ def adapter_per_row(model: nn.Module, names: Sequence[str | None]) -> Iterator[n
 
     Memory, in inference: the first mixed batch stacks each layer's adapters into one tensor (a
     second copy of the adapters), kept for later blocks while none of them changes and dropped by
-    ``delete_adapter``; each row's pick from it lives until the block ends. Up to
+    ``delete_adapter``; each row's pick from it is freed after use on the block's first call and
+    kept from its second call on (generation steps) until the block ends. Up to
     ``LoraLayer.GROUPED_MAX_ADAPTERS`` distinct adapters in a layer are applied group by group from
     the parameters themselves, with no copy.
     """
