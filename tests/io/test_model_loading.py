@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from io_models import logits, model_dir, tiny_llama, tokens, word_tokenizer
 
 import lorakit.models as models
 from lorakit.errors import LorakitError
@@ -46,26 +47,9 @@ def test_embedded_model_missing_says_how_to_install(monkeypatch):
 
 
 def test_transformers_directory_round_trip(tmp_path):
-    from tokenizers import Tokenizer
-    from tokenizers import models as tok_models
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    config = LlamaConfig(
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=32,
-        vocab_size=8,
-    )
-    model = LlamaForCausalLM(config).eval()
-    vocab = {c: i for i, c in enumerate("abcdefgh")}
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tok_models.WordLevel(vocab)))
-    model.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
-
-    loaded, loaded_tokenizer = load_model(tmp_path, dtype=torch.float32)
-    ids = torch.tensor([[1, 2, 3]])
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
-    assert loaded_tokenizer.convert_tokens_to_ids("c") == 2
+    model = tiny_llama()
+    model_dir(tmp_path, model, word_tokenizer())
+    loaded, tokenizer = load_model(tmp_path, dtype=torch.float32)
+    x = tokens(model.config.vocab_size)
+    assert torch.equal(logits(loaded, x), logits(model, x))
+    assert tokenizer.convert_tokens_to_ids("w2") == 2
