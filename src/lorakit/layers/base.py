@@ -78,7 +78,7 @@ class LoraLayer(nn.Module):
         self._row_groups: list | None = None  # [(adapter, row indices)] for the grouped path
         # Inference caches of the mixed-batch path. The stack of all adapters is kept while no
         # adapter tensor changes (one extra copy of this layer's adapters, built on the first
-        # mixed batch); the per-row selection from it lives as long as one adapter_per_row block.
+        # mixed batch); each row's pick from it is kept from a block's second call to its end.
         self._stack_cache: tuple | None = None  # (key, (A stack, B stack))
         self._rows_cache: tuple | None = None  # (A stack, A per row or None, B per row or None)
         # The base module, kept without its tensors, to give back on unload (same class, hooks,
@@ -346,11 +346,11 @@ class LoraLayer(nn.Module):
         # after it (a single forward keeps no activation-sized copies alive across layers); from
         # the second call on (generation steps) they are kept until the block ends.
         cached = self._rows_cache
-        if cached is not None and cached[0] is a and cached[1] is not None:
+        seen = cached is not None and cached[0] is a  # this block already used this stack
+        if seen and cached[1] is not None:
             return self.rows_forward(x, out, cached[1], cached[2])
         picks = a[slots], b[slots]
-        repeat = cached is not None and cached[0] is a
-        self._rows_cache = (a, *picks) if repeat else (a, None, None)
+        self._rows_cache = (a, *picks) if seen else (a, None, None)
         return self.rows_forward(x, out, *picks)
 
     def rows_forward(
