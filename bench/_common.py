@@ -39,12 +39,11 @@ def nonzero_b(params: list[torch.nn.Parameter], seed: int = 1) -> None:
             p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
 
 
-def with_lorakit(base, targets="all-linear"):
+def with_lorakit(base, targets="all-linear", rank=RANK):
     import lorakit
 
-    model = lorakit.apply_lora(
-        copy.deepcopy(base), lorakit.LoraConfig(r=RANK, alpha=ALPHA, target_modules=targets)
-    )
+    config = lorakit.LoraConfig(r=rank, alpha=ALPHA * rank / RANK, target_modules=targets)
+    model = lorakit.apply_lora(copy.deepcopy(base), config)
     nonzero_b([layer.lora_B["default"] for _, layer in lorakit.lora_layers(model)])
     return model.eval()
 
