@@ -11,10 +11,10 @@ import shutil
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorakit
 from lorakit import LoraConfig
+from tiny_models import tiny_llama
 
 IN, HIDDEN, OUT, BATCH = 16, 32, 8, 4
 
@@ -44,18 +44,6 @@ def adapted_mlp(**config) -> nn.Module:
             for b in layer.lora_B.values():
                 b.normal_(0.0, 0.2)
     return model.eval()
-
-
-def tiny_llama() -> nn.Module:
-    config = LlamaConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=128,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 @needs_dynamo

@@ -18,8 +18,9 @@ import torch
 import lorakit
 from lorakit import LoraConfig
 from lorakit.quant import QuantizedWeight
-from test_transformers_models import BATCH, SEQ, VOCAB, llama
+from tiny_models import BATCH, LLAMA, SEQ, tiny_llama
 
+VOCAB = LLAMA["vocab_size"]
 DEVICES = [
     "cpu",
     pytest.param(
@@ -33,7 +34,7 @@ TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 def _adapted(device, dtype=torch.float32, names=("default",), **config):
     """(base, adapted) on ``device`` in ``dtype``, every adapter's B random (so each computes)."""
-    base = llama().to(device=device, dtype=dtype).eval()
+    base = tiny_llama().to(device=device, dtype=dtype).eval()
     model = copy.deepcopy(base)
     for i, name in enumerate(names):
         cfg = LoraConfig(r=4 + 2 * i, alpha=8, target_modules="all-linear", **config)
@@ -78,7 +79,7 @@ def test_adapters_live_on_the_base_device(device, dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_starts_equal_to_the_base(device):
-    base = llama().to(device).eval()
+    base = tiny_llama().to(device).eval()
     model = lorakit.apply_lora(copy.deepcopy(base), LoraConfig(r=4, target_modules="all-linear"))
     ids = _ids(device)
     with torch.no_grad():
@@ -130,7 +131,7 @@ def test_a_training_step_moves_only_the_adapters(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_qlora_codes_and_outputs_match_the_cpu(device):
-    base = llama().eval()
+    base = tiny_llama().eval()
     on_cpu = lorakit.quantize(copy.deepcopy(base))
     on_device = lorakit.quantize(copy.deepcopy(base).to(device))
     weights_cpu = dict(lorakit.quant.quantized_weights(on_cpu))

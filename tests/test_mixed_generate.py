@@ -4,25 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorakit
 from lorakit.layers import LoraLayer
+from tiny_models import tiny_llama
 
 ROWS = ["a", None, "b", "a", "c"]
 NEW_TOKENS = 6
 
 
 def adapted_llama() -> torch.nn.Module:
-    config = LlamaConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=128,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama()
     # different ranks, alphas and target sets, an embedding adapter among them
     model = lorakit.apply_lora(model, lorakit.LoraConfig(r=4, target_modules="all-linear"), "a")
     model = lorakit.apply_lora(

@@ -13,50 +13,12 @@ import peft
 import pytest
 import torch
 from torch import nn
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-)
 
 import lorakit
 from lorakit import LoraConfig
+from tiny_models import BATCH, SEQ, tiny_bert, tiny_gpt2, tiny_llama
 
-LLAMA = dict(
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=128,
-    vocab_size=128,
-)
-GPT2 = dict(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64)
-BERT = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=64,
-    vocab_size=100,
-    max_position_embeddings=64,
-    num_labels=3,
-)
-BATCH, SEQ = 2, 10
 PEFT_PREFIX = "base_model.model."
-
-
-def tiny_llama():
-    return LlamaForCausalLM(LlamaConfig(**LLAMA))
-
-
-def tiny_gpt2():
-    return GPT2LMHeadModel(GPT2Config(**GPT2))
-
-
-def tiny_bert():
-    return BertForSequenceClassification(BertConfig(**BERT))
 
 
 def peft_config(config: LoraConfig, **extra) -> peft.LoraConfig:

@@ -18,16 +18,8 @@ from transformers import (
 
 import lorakit
 from lorakit import LoraConfig, TargetError, plan
+from tiny_models import GPT2, LLAMA
 
-LLAMA = dict(
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=128,
-    vocab_size=128,
-)
-GPT2 = dict(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64)
 MLP = ("gate_proj", "up_proj", "down_proj")
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

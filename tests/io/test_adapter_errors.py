@@ -9,12 +9,13 @@ import textwrap
 
 import pytest
 import torch
-from io_models import adapter_state, logits, randomise, snapshot, tiny_gpt2, tiny_llama, tokens
+from io_models import adapter_state, snapshot
 from safetensors.torch import load_file, save_file
 
 import lorakit
 from lorakit import AdapterError, AdapterFileError, ConfigError, LoraConfig
 from lorakit.io import safety
+from tiny_models import logits, randomise, tiny_gpt2, tiny_llama, tokens
 
 CONFIG = LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
 Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
@@ -392,10 +393,10 @@ def test_crash_between_renames_leaves_the_old_adapter_findable(saved):
     script = textwrap.dedent(
         f"""
         import os, sys
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        sys.path.insert(0, {os.path.dirname(os.path.dirname(__file__))!r})
         import lorakit
         from lorakit.io import safety
-        from io_models import tiny_llama
+        from tiny_models import tiny_llama
         safety._exchange = lambda a, b: False
         real, calls = os.replace, []
         def crash(src, dst):

@@ -6,24 +6,23 @@ import json
 
 import pytest
 import torch
-from io_models import (
-    ConvNet,
-    adapter_state,
-    conv_net,
-    logits,
-    randomise,
-    snapshot,
-    tiny_bert,
-    tiny_gpt2,
-    tiny_llama,
-    tokens,
-)
+from io_models import adapter_state, snapshot
 from safetensors import safe_open
 
 import lorakit
 from lorakit import LoraConfig
 from lorakit.io import fingerprint as fp
 from lorakit.io import read_adapter
+from tiny_models import (
+    ConvNet,
+    conv_net,
+    logits,
+    randomise,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+    tokens,
+)
 
 CASES = {
     "llama q/v": (tiny_llama, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"])),

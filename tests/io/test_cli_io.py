@@ -8,11 +8,12 @@ import sys
 
 import pytest
 import torch
-from io_models import llama_files, logits, tiny_llama, tokens
+from io_models import llama_files
 
 import lorakit
 from lorakit import LoraConfig
 from lorakit.cli.main import main
+from tiny_models import logits, tiny_llama, tokens
 
 CONFIG = LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
 

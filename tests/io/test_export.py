@@ -9,20 +9,11 @@ import textwrap
 
 import pytest
 import torch
-from io_models import (
-    llama_files,
-    logits,
-    model_dir,
-    randomise,
-    snapshot,
-    tiny_bert,
-    tiny_llama,
-    tokens,
-    word_tokenizer,
-)
+from io_models import llama_files, model_dir, snapshot, word_tokenizer
 
 import lorakit
 from lorakit import AdapterFileError, LoraConfig
+from tiny_models import logits, randomise, tiny_bert, tiny_llama, tokens
 
 CONFIG = LoraConfig(r=4, alpha=8, target_modules="all-linear")
 

@@ -10,21 +10,14 @@ import warnings
 
 import pytest
 import torch
-from io_models import (
-    adapter_state,
-    conv_net,
-    logits,
-    randomise,
-    tiny_gpt2,
-    tiny_llama,
-    tokens,
-)
+from io_models import adapter_state
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 import lorakit
 from lorakit import AdapterError, AdapterFileError, ConfigError, LoraConfig, MergeError
+from tiny_models import conv_net, logits, randomise, tiny_gpt2, tiny_llama, tokens
 
 QV = ["q_proj", "v_proj"]
 CONV = ["conv1", "conv2", "head"]

@@ -2,11 +2,12 @@
 
 import pytest
 import torch
-from io_models import logits, model_dir, tiny_llama, tokens, word_tokenizer
+from io_models import model_dir, word_tokenizer
 
 import lorakit.models as models
 from lorakit.errors import LorakitError
 from lorakit.models import ModelLoadError, load_model
+from tiny_models import logits, tiny_llama, tokens
 
 
 def test_missing_path_is_named(tmp_path):

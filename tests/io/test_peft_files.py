@@ -12,11 +12,11 @@ import warnings
 import peft
 import pytest
 import torch
-from io_models import conv_net, logits, randomise, tiny_bert, tiny_gpt2, tiny_llama, tokens
 from safetensors import safe_open
 
 import lorakit
 from lorakit import LoraConfig
+from tiny_models import conv_net, logits, randomise, tiny_bert, tiny_gpt2, tiny_llama, tokens
 
 CASES = {
     "llama q/v": (tiny_llama, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"])),

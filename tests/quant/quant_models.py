@@ -1,19 +1,12 @@
-"""The tiny Llama the quantization tests share (built in code, random weights)."""
+"""The tiny Llama the quantization tests share (built in code, random weights): the shared one
+with an odd vocabulary, so embedding and head sizes are no multiple of a quantization block."""
 
 from __future__ import annotations
 
-import transformers
+import tiny_models
 
-LLAMA = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=97,
-    max_position_embeddings=64,
-)
+LLAMA = {**tiny_models.LLAMA, "vocab_size": 97, "max_position_embeddings": 64}
 
 
-def tiny_llama() -> transformers.LlamaForCausalLM:
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).eval()
+def tiny_llama(seed: int = 0):
+    return tiny_models.tiny_llama(seed, vocab_size=97, max_position_embeddings=64)
