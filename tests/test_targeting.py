@@ -18,7 +18,7 @@ from transformers import (
 
 import lorakit
 from lorakit import LoraConfig, TargetError, plan
-from tiny_models import GPT2, LLAMA
+from tiny_models import GPT2, LLAMA, tiny_bert
 
 MLP = ("gate_proj", "up_proj", "down_proj")
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -167,19 +167,7 @@ def test_rslora_scaling_in_the_plan(llama):
 
 
 def test_modules_to_save_are_counted_and_not_targeted():
-    from transformers import BertConfig, BertForSequenceClassification
-
-    bert = BertForSequenceClassification(
-        BertConfig(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            vocab_size=100,
-            max_position_embeddings=64,
-            num_labels=3,
-        )
-    )
+    bert = tiny_bert()
     the_plan = plan(bert, LoraConfig(target_modules="all-linear", modules_to_save=["classifier"]))
     assert the_plan.saved == (("classifier", 32 * 3 + 3),)
     assert "classifier" not in {row.path for row in the_plan.rows}
