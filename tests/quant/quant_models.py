@@ -8,5 +8,7 @@ import tiny_models
 LLAMA = {**tiny_models.LLAMA, "vocab_size": 97, "max_position_embeddings": 64}
 
 
-def tiny_llama(seed: int = 0):
-    return tiny_models.tiny_llama(seed, vocab_size=97, max_position_embeddings=64)
+def tiny_llama(seed: int = 0, **overrides):
+    return tiny_models.tiny_llama(
+        seed, **{"vocab_size": 97, "max_position_embeddings": 64, **overrides}
+    )

@@ -8,6 +8,7 @@ that full-precision base (in the chosen compute dtype).
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -240,3 +241,36 @@ def test_counts_include_the_quantized_weights(pair):
     the_plan = lorakit.plan(base, CONFIG)
     adapted = lorakit.apply_lora(base, CONFIG)
     assert (the_plan.trainable, the_plan.total) == lorakit.count_parameters(adapted)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_quantizing_a_memory_mapped_checkpoint_lets_the_file_go(tmp_path, tied):
+    """transformers maps a safetensors checkpoint into memory; the tensors kept in full precision
+    must not hold that mapping (and every page quantization read) for the life of the model."""
+    import gc
+
+    from transformers import LlamaForCausalLM
+
+    tiny_llama(tie_word_embeddings=tied).save_pretrained(tmp_path)
+    loaded = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    mapped = [t for t in (*loaded.parameters(), *loaded.buffers()) if not _own_memory(t)]
+    if not mapped:
+        pytest.skip("this transformers version copies checkpoints into memory")
+    reference = quantize(tiny_llama(tie_word_embeddings=tied))  # the same weights, in memory
+
+    model = quantize(loaded)
+    del mapped
+    gc.collect()
+    assert all(_own_memory(t) for t in (*model.parameters(), *model.buffers()))
+    if tied:
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    maps = Path("/proc/self/maps")
+    if maps.exists():
+        assert str(tmp_path) not in maps.read_text(), "the checkpoint is still mapped"
+    tokens = ids()
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, reference(tokens).logits)
+
+
+def _own_memory(tensor: torch.Tensor) -> bool:
+    return tensor.untyped_storage().resizable()

@@ -60,6 +60,12 @@ def quantize(
     it or ending in ``"." + name``), and a linear layer whose weight is shared with another
     module. Quantize the base model before ``apply_lora``; the model is changed in place and
     returned.
+
+    A model loaded from a memory-mapped checkpoint (transformers maps safetensors files) has
+    tensors that point into the mapping, which lives as long as any of them does. The tensors
+    kept in full precision (embeddings, norms, biases, the head) are therefore copied into
+    ordinary memory first, so that the mapping, with every page quantization read, is released
+    once the quantized weights' originals go.
     """
     check_quant_type(quant_type)
     check_blocksize(blocksize)
@@ -91,6 +97,7 @@ def quantize(
     if not chosen and not problems:
         problems.append("found no nn.Linear layer to quantize (the output head is left alone)")
     gather(problems, QuantError, f"cannot quantize {type(model).__name__}")
+    _copy_out_of_mapped_memory(model, {id(linears[key].weight) for key in chosen})
     for key in chosen:
         linear = linears.pop(key)  # held nowhere else once replaced: its float weight goes now
         new = QuantLinear.from_linear(
@@ -105,6 +112,25 @@ def quantize(
         _replace_everywhere(model, linear, new, paths[key])
         del linear
     return model
+
+
+def _copy_out_of_mapped_memory(model: nn.Module, replaced: set[int]) -> None:
+    """Copy the CPU tensors of ``model`` held in memory torch did not allocate (a memory-mapped
+    file, a foreign buffer) into memory of their own, except those in ``replaced``.
+
+    Each tensor keeps its identity (``.data`` is swapped), so tied weights stay tied and
+    references held elsewhere (an optimizer, another module) follow.
+    """
+    done: set[int] = set(replaced)
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for tensor in table.values():
+                if tensor is None or id(tensor) in done or tensor.device.type != "cpu":
+                    continue
+                done.add(id(tensor))
+                if not tensor.untyped_storage().resizable():  # not from torch's allocator
+                    with torch.no_grad():
+                        tensor.data = tensor.data.clone()
 
 
 def _named(path: str, name: str) -> bool:
