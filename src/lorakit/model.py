@@ -247,7 +247,8 @@ def adapter_per_row(model: nn.Module, names: Sequence[str | None]) -> Iterator[n
     Each layer gathers its rows' adapters from a stack padded to a common rank and adds them in one
     batched matmul. Adapters may differ in rank and in the modules they target (a layer without a
     row's adapter adds nothing for that row). Works for training: each adapter gets gradient only
-    from its own rows.
+    from its own rows. A linear layer that sees the batch flattened to (rows × tokens, features),
+    as OPT's MLP does, takes each row's tokens to be consecutive.
 
     Memory, in inference: the first mixed batch stacks each layer's adapters into one tensor (a
     second copy of the adapters), kept for later blocks while none of them changes and dropped by

@@ -274,3 +274,29 @@ def test_quantizing_a_memory_mapped_checkpoint_lets_the_file_go(tmp_path, tied):
 
 def _own_memory(tensor: torch.Tensor) -> bool:
     return tensor.untyped_storage().resizable()
+
+
+def test_linear_subclasses_are_quantized_and_attention_out_proj_is_not():
+    """A subclass of nn.Linear computes x Wᵀ + b (transformers' FalconLinear); the out_proj of
+    nn.MultiheadAttention does not go through its own forward, so it stays in full precision."""
+
+    class Subclassed(nn.Linear):
+        pass
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.fc = Subclassed(16, 8)
+            self.head = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.head(self.fc(self.attention(x, x, x)[0]))
+
+    model = Model().eval()
+    quantized = quantize(copy.deepcopy(model), include_head=True)
+    assert isinstance(quantized.fc, QuantLinear) and isinstance(quantized.head, QuantLinear)
+    assert type(quantized.attention.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(quantized(x), dequantize(copy.deepcopy(quantized))(x))

@@ -317,12 +317,18 @@ class LoraLayer(nn.Module):
         return out.index_add(0, index, delta.to(out.dtype))
 
     def _checked_row_slots(self, x: torch.Tensor) -> torch.Tensor:
-        """The per-row slots, after checking there is one for every row of the batch."""
+        """The per-row slots, after checking there is one for every row of the batch.
+
+        A linear layer may also see the batch flattened to (rows × tokens, features), as OPT's
+        MLP does; each row's tokens are then taken to follow one another (row-major flattening).
+        """
         slots = self._row_slots
-        if slots.shape[0] != x.shape[0]:
+        n = slots.shape[0]
+        flattened = self.kind in self._GROUPABLE and x.dim() == 2 and x.shape[0] % n == 0
+        if x.shape[0] != n and not flattened:
             raise AdapterError(
-                f"{self._where()}: adapter_per_row was given {slots.shape[0]} names but the batch "
-                f"has {x.shape[0]} rows"
+                f"{self._where()}: adapter_per_row was given {n} names but the batch has "
+                f"{x.shape[0]} rows"
             )
         return slots
 
@@ -331,6 +337,14 @@ class LoraLayer(nn.Module):
         slots = self._checked_row_slots(x)
         if not self._rows_active:  # decided in Python when the slots were set: no graph break
             return out
+        n = slots.shape[0]
+        if x.shape[0] != n:  # (rows × tokens, features): computed as (rows, tokens, features)
+            rows_x, rows_out = x.reshape(n, -1, x.shape[-1]), out.reshape(n, -1, out.shape[-1])
+            return self._add_rows(rows_x, rows_out, slots).reshape(out.shape)
+        return self._add_rows(x, out, slots)
+
+    def _add_rows(self, x: torch.Tensor, out: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """``out`` plus each row's update; x and out have one entry per row on their first axis."""
         if self._row_groups is not None:
             return self._grouped_rows(x, out)
         if self.training and any(p > 0 for p in self.dropout.values()):

@@ -31,6 +31,14 @@ def _output_heads(model: nn.Module) -> set[int]:
     return {id(m) for p, m in model.named_modules() if p.rsplit(".", 1)[-1] == "lm_head"}
 
 
+def _is_linear(module: nn.Module) -> bool:
+    """``nn.Linear`` or a subclass (transformers' FalconLinear, ...), whose forward is taken to be
+    ``x Wᵀ + b``; not ``nn.MultiheadAttention``'s out_proj, whose weight its owner reads itself."""
+    return isinstance(module, nn.Linear) and not isinstance(
+        module, nn.modules.linear.NonDynamicallyQuantizableLinear
+    )
+
+
 def _replace_everywhere(model: nn.Module, old: nn.Module, new: nn.Module, paths: list[str]) -> None:
     for path in paths:
         parent_path, _, child = path.rpartition(".")
@@ -50,6 +58,10 @@ def quantize(
     include_head: bool = False,
 ) -> nn.Module:
     """Replace the ``nn.Linear`` layers of ``model`` by frozen :class:`QuantLinear` layers.
+
+    Subclasses of ``nn.Linear`` count (their forward is taken to be ``x Wᵀ + b``, as for
+    transformers' FalconLinear); ``nn.MultiheadAttention``'s out_proj does not (its owner reads
+    the weight directly).
 
     ``quant_type`` is "nf4" (QLoRA's default), "fp4" or "int8"; ``blocksize`` one of 32..4096;
     ``double_quant`` quantizes the block scales again (about 4.127 bits per weight for NF4 at
@@ -78,7 +90,7 @@ def quantize(
         for param in module._parameters.values():
             if param is not None:
                 owners.setdefault(id(param), set()).add(id(module))
-        if type(module) is nn.Linear:
+        if _is_linear(module):
             linears[id(module)] = module
     every_path = [p for ps in paths.values() for p in ps]
     problems = [
@@ -173,7 +185,7 @@ def load_quantized(
     problems = []
     for path, module in list(model.named_modules()):
         prefix = f"{path}.weight" if path else "weight"
-        if type(module) is not nn.Linear or not any(
+        if not _is_linear(module) or not any(
             k.startswith(prefix + ".quant_state.") for k in state_dict
         ):
             continue
@@ -220,7 +232,7 @@ def hf_quantization_config(model: nn.Module) -> dict:
             f"transformers loads one 4-bit format (nf4 or fp4) per model; found {found or 'none'}"
         )
     quant_type, double_quant, compute_dtype = formats.pop()
-    skipped = sorted(p for p, m in model.named_modules() if type(m) is nn.Linear)
+    skipped = sorted(p for p, m in model.named_modules() if _is_linear(m))
     return {
         "quant_method": "bitsandbytes",
         "load_in_4bit": True,

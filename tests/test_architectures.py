@@ -1,0 +1,148 @@
+"""lorakit on a wide set of transformers architectures, tiny configs built in code.
+
+Beyond the Llama, GPT-2, BERT and RoBERTa of the detailed tests: decoder-only models with fused
+projections (Phi-3's qkv_proj, Falcon's query_key_value and its nn.Linear subclass), OPT (whose
+MLP sees the batch flattened to rows × tokens), encoder-decoders (T5, BART), an image model (ViT)
+and others. For each: the adapted model starts equal to the base, disabling gives the base
+exactly, PEFT loads lorakit's adapter file and computes the same output (the independent
+reference), merging keeps the output, QLoRA's base computes what its dequantized weights do, and
+a mixed-adapter batch equals each row run alone, on both mixed-batch paths.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers as tf
+
+import lorakit
+from lorakit import LoraConfig
+from lorakit.layers import LoraLayer
+from lorakit.quant import dequantize
+
+VOCAB = 100
+DECODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+GQA = dict(**DECODER, vocab_size=VOCAB, num_key_value_heads=2)
+SEQ2SEQ = dict(
+    d_model=32,
+    encoder_layers=1,
+    decoder_layers=1,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=64,
+    decoder_ffn_dim=64,
+    vocab_size=VOCAB,
+)
+MODELS = {
+    "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**GQA)),
+    "qwen3": lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**GQA, head_dim=8)),
+    "mistral": lambda: tf.MistralForCausalLM(tf.MistralConfig(**GQA)),
+    "gemma": lambda: tf.GemmaForCausalLM(tf.GemmaConfig(**GQA, head_dim=8)),
+    "gemma2": lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(**GQA, head_dim=8)),
+    "phi3": lambda: tf.Phi3ForCausalLM(tf.Phi3Config(**GQA, pad_token_id=0)),
+    "falcon": lambda: tf.FalconForCausalLM(
+        tf.FalconConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB
+        )
+    ),
+    "gpt_neox": lambda: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(**DECODER, vocab_size=VOCAB)),
+    "opt": lambda: tf.OPTForCausalLM(
+        tf.OPTConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            ffn_dim=64,
+            vocab_size=VOCAB,
+            word_embed_proj_dim=32,
+        )
+    ),
+    "t5": lambda: tf.T5ForConditionalGeneration(
+        tf.T5Config(d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8, vocab_size=VOCAB)
+    ),
+    "bart": lambda: tf.BartForConditionalGeneration(tf.BartConfig(**SEQ2SEQ)),
+    "distilbert": lambda: tf.DistilBertForSequenceClassification(
+        tf.DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=64, vocab_size=VOCAB)
+    ),
+    "vit": lambda: tf.ViTForImageClassification(
+        tf.ViTConfig(**DECODER, image_size=16, patch_size=8, num_labels=3)
+    ),
+}
+CONFIG = LoraConfig(r=4, alpha=8, target_modules="all-linear")
+ROWS = 3
+
+
+def inputs(name: str) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    if name == "vit":
+        return {"pixel_values": torch.randn(ROWS, 3, 16, 16, generator=gen)}
+    ids = torch.randint(3, VOCAB, (ROWS, 7), generator=gen)
+    if name in ("t5", "bart"):
+        return {"input_ids": ids, "decoder_input_ids": ids[:, :5]}
+    return {"input_ids": ids}
+
+
+def logits(model, kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**kwargs).logits
+
+
+def randomise(model) -> None:
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in lorakit.adapter_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+
+
+@pytest.fixture(params=sorted(MODELS))
+def case(request):
+    name = request.param
+    return name, MODELS[name]().eval(), inputs(name)
+
+
+def test_adapter_round_trip_through_peft(case, tmp_path):
+    peft = pytest.importorskip("peft")
+    name, base, kwargs = case
+    expected = logits(base, kwargs)
+    model = lorakit.apply_lora(copy.deepcopy(base), CONFIG)
+    assert torch.equal(logits(model, kwargs), expected), "not equal to the base at init"
+    randomise(model)
+    adapted = logits(model, kwargs)
+    assert not torch.allclose(adapted, expected)
+    with lorakit.disable_adapters(model):
+        assert torch.equal(logits(model, kwargs), expected)
+    lorakit.save_adapter(model, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    torch.testing.assert_close(logits(theirs, kwargs), adapted, rtol=1e-4, atol=1e-5)
+    merged = lorakit.merge_and_unload(model)
+    assert not any(isinstance(m, LoraLayer) for m in merged.modules())
+    torch.testing.assert_close(logits(merged, kwargs), adapted, rtol=1e-4, atol=1e-5)
+
+
+def test_quantized_base_computes_its_dequantized_weights(case):
+    name, base, kwargs = case
+    quantized = lorakit.quantize(copy.deepcopy(base))
+    reference = dequantize(copy.deepcopy(quantized))
+    torch.testing.assert_close(logits(quantized, kwargs), logits(reference, kwargs))
+
+
+@pytest.mark.parametrize("grouped_max", [4, 0], ids=["grouped", "stacked"])
+def test_mixed_batch_rows_equal_each_row_alone(case, grouped_max, monkeypatch):
+    monkeypatch.setattr(LoraLayer, "GROUPED_MAX_ADAPTERS", grouped_max)
+    name, base, kwargs = case
+    model = lorakit.apply_lora(copy.deepcopy(base), CONFIG, "a")
+    lorakit.apply_lora(model, LoraConfig(r=2, alpha=3, target_modules="all-linear"), "b")
+    randomise(model)
+    names = ["a", None, "b"]
+    with lorakit.adapter_per_row(model, names):
+        mixed = logits(model, kwargs)
+    for i, adapter in enumerate(names):
+        row = {k: v[i : i + 1] for k, v in kwargs.items()}
+        if adapter is None:
+            with lorakit.disable_adapters(model):
+                alone = logits(model, row)
+        else:
+            lorakit.set_adapter(model, adapter)
+            alone = logits(model, row)
+        torch.testing.assert_close(mixed[i : i + 1], alone, rtol=1e-4, atol=1e-5)
