@@ -6,7 +6,9 @@ MLP sees the batch flattened to rows × tokens), encoder-decoders (T5, BART), an
 and others. For each: the adapted model starts equal to the base, disabling gives the base
 exactly, PEFT loads lorakit's adapter file and computes the same output (the independent
 reference), merging keeps the output, QLoRA's base computes what its dequantized weights do, and
-a mixed-adapter batch equals each row run alone, on both mixed-batch paths.
+a mixed-adapter batch equals each row run alone, on both mixed-batch paths; for the generating
+models, mixed-batch generation with the KV cache equals each row's own, and training in a mixed
+batch gives gradient only to the adapters its rows use.
 """
 
 from __future__ import annotations
@@ -59,7 +61,15 @@ MODELS = {
         )
     ),
     "t5": lambda: tf.T5ForConditionalGeneration(
-        tf.T5Config(d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8, vocab_size=VOCAB)
+        tf.T5Config(
+            d_model=32,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            d_kv=8,
+            vocab_size=VOCAB,
+            decoder_start_token_id=0,
+        )
     ),
     "bart": lambda: tf.BartForConditionalGeneration(tf.BartConfig(**SEQ2SEQ)),
     "distilbert": lambda: tf.DistilBertForSequenceClassification(
@@ -146,3 +156,44 @@ def test_mixed_batch_rows_equal_each_row_alone(case, grouped_max, monkeypatch):
             lorakit.set_adapter(model, adapter)
             alone = logits(model, row)
         torch.testing.assert_close(mixed[i : i + 1], alone, rtol=1e-4, atol=1e-5)
+
+
+GENERATES = sorted(set(MODELS) - {"distilbert", "vit"})
+
+
+@pytest.mark.parametrize("name", GENERATES)
+def test_mixed_batch_generation_equals_each_row_alone(name):
+    """Greedy generation with the KV cache: prefill and every decoding step take each row's
+    adapter, so each row's tokens are the ones it generates alone."""
+    model = lorakit.apply_lora(MODELS[name]().eval(), CONFIG, "a")
+    lorakit.apply_lora(model, LoraConfig(r=2, alpha=3, target_modules="all-linear"), "b")
+    randomise(model)
+    ids = inputs(name)["input_ids"]
+    options = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    names = ["a", None, "b"]
+    with torch.no_grad(), lorakit.adapter_per_row(model, names):
+        mixed = model.generate(ids, **options)
+    for i, adapter in enumerate(names):
+        with torch.no_grad():
+            if adapter is None:
+                with lorakit.disable_adapters(model):
+                    alone = model.generate(ids[i : i + 1], **options)
+            else:
+                lorakit.set_adapter(model, adapter)
+                alone = model.generate(ids[i : i + 1], **options)
+        assert torch.equal(mixed[i : i + 1], alone), f"row {i} ({adapter})"
+
+
+@pytest.mark.parametrize("name", GENERATES)
+def test_mixed_batch_training_gives_gradient_only_to_the_rows_adapters(name):
+    model = lorakit.apply_lora(MODELS[name]().train(), CONFIG, "a")
+    lorakit.apply_lora(model, LoraConfig(r=2, alpha=3, target_modules="all-linear"), "b")
+    randomise(model)
+    kwargs = inputs(name)
+    labels = kwargs.get("decoder_input_ids", kwargs["input_ids"]).contiguous()
+    with lorakit.adapter_per_row(model, ["a", None, "a"]):
+        model(**kwargs, labels=labels).loss.backward()
+    used = [p.grad for p in lorakit.adapter_parameters(model, "a")]
+    unused = [p.grad for p in lorakit.adapter_parameters(model, "b")]
+    assert all(g is not None for g in used) and any(bool(g.abs().sum()) for g in used)
+    assert all(g is None or not bool(g.abs().sum()) for g in unused)
