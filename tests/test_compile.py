@@ -118,3 +118,24 @@ def test_mixed_adapter_batch_has_no_graph_breaks():
     with lorakit.adapter_per_row(model, ["default", "other", None, "default"]):
         explanation = torch._dynamo.explain(model)(torch.randn(BATCH, IN))
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+@needs_dynamo
+@pytest.mark.parametrize("name", ["opt", "phi3", "t5"])
+def test_other_architectures_trace_without_graph_breaks(name):
+    """OPT (mixed batches on its flattened MLP input), Phi-3 (fused projections), T5 (encoder-
+    decoder): one adapter and a mixed batch trace into as many graphs as the base does."""
+    from test_architectures import CONFIG, MODELS, inputs, randomise
+
+    base, kwargs = MODELS[name]().eval(), inputs(name)
+    expected = torch._dynamo.explain(base)(**kwargs).graph_break_count
+    torch._dynamo.reset()
+    model = lorakit.apply_lora(copy.deepcopy(base), CONFIG, "a")
+    lorakit.apply_lora(model, LoraConfig(r=2, target_modules="all-linear"), "b")
+    randomise(model)
+    explanation = torch._dynamo.explain(model)(**kwargs)
+    assert explanation.graph_break_count == expected, explanation.break_reasons
+    torch._dynamo.reset()
+    with lorakit.adapter_per_row(model, ["a", "b", None]):
+        explanation = torch._dynamo.explain(model)(**kwargs)
+    assert explanation.graph_break_count == expected, explanation.break_reasons
