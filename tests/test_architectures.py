@@ -197,3 +197,16 @@ def test_mixed_batch_training_gives_gradient_only_to_the_rows_adapters(name):
     unused = [p.grad for p in lorakit.adapter_parameters(model, "b")]
     assert all(g is not None for g in used) and any(bool(g.abs().sum()) for g in used)
     assert all(g is None or not bool(g.abs().sum()) for g in unused)
+
+
+def test_plan_on_the_meta_device_counts_what_peft_adds(case):
+    peft = pytest.importorskip("peft")
+    name, base, _ = case
+    with torch.device("meta"):
+        planned = lorakit.plan(MODELS[name](), CONFIG)
+    ours = lorakit.count_parameters(lorakit.apply_lora(copy.deepcopy(base), CONFIG))[0]
+    config = peft.LoraConfig(r=CONFIG.r, lora_alpha=CONFIG.alpha, target_modules="all-linear")
+    theirs = peft.get_peft_model(copy.deepcopy(base), config)
+    assert (
+        planned.trainable == ours == sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+    )
