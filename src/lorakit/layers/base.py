@@ -324,13 +324,15 @@ class LoraLayer(nn.Module):
         """
         slots = self._row_slots
         n = slots.shape[0]
-        flattened = self.kind in self._GROUPABLE and x.dim() == 2 and x.shape[0] % n == 0
-        if x.shape[0] != n and not flattened:
+        if x.shape[0] != n and not self._flattened_rows(x, n):
             raise AdapterError(
                 f"{self._where()}: adapter_per_row was given {n} names but the batch has "
                 f"{x.shape[0]} rows"
             )
         return slots
+
+    def _flattened_rows(self, x: torch.Tensor, n: int) -> bool:
+        return self.kind in self._GROUPABLE and x.dim() == 2 and x.shape[0] % n == 0
 
     def _forward_rows(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Mixed batch: each row adds the adapter of its slot (a gathered batched matmul)."""
