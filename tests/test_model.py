@@ -7,6 +7,7 @@ weights have ``s · B A`` added in float64, never with another lorakit code path
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import os
@@ -22,6 +23,7 @@ from torch import nn
 import lorakit
 from lorakit import AdapterError, LoraConfig, MergeError
 from lorakit.layers import LoraLayer
+from tiny_models import LLAMA, tiny_llama
 
 VOCAB, DIM, CLASSES = 11, 8, 3
 ROWS, TOKENS = 5, 4
@@ -228,6 +230,33 @@ def test_adapter_per_row_matches_running_each_row_alone(mixed_path):
             assert torch.equal(mixed[i], reference(x[i : i + 1])[0])
     lorakit.set_adapter(model, "a")
     torch.testing.assert_close(model(x), run_hand(hand_merged(reference, model, "a"), x))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_mixed_batch_matches_each_row_alone(mixed_path, dtype):
+    """float32 adapters on a half-precision base: each row's sum is formed in float32 and rounded
+    once into the base's dtype, as the one-adapter path does. The two differ only in float32
+    summation order, which flips a half-precision rounding now and then; through the layers such
+    a flip moves logits by a few units in the last place of their scale, the bound used here."""
+    model = lorakit.apply_lora(tiny_llama().to(dtype), LoraConfig(r=4, target_modules="all-linear"))
+    lorakit.apply_lora(model, LoraConfig(r=2, alpha=3, target_modules="all-linear"), "b")
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in lorakit.adapter_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    x = torch.randint(0, LLAMA["vocab_size"], (3, 9), generator=gen)
+    names = ["default", None, "b"]
+    with torch.no_grad(), lorakit.adapter_per_row(model, names):
+        mixed = model(x).logits
+    assert mixed.dtype == dtype
+    bound = 4 * torch.finfo(dtype).eps * mixed.abs().max().item()
+    for i, name in enumerate(names):
+        if name is not None:
+            lorakit.set_adapter(model, name)
+        alone = lorakit.disable_adapters(model) if name is None else contextlib.nullcontext()
+        with torch.no_grad(), alone:
+            alone_logits = model(x[i : i + 1]).logits
+        torch.testing.assert_close(mixed[i : i + 1], alone_logits, rtol=0, atol=bound)
 
 
 def test_adapter_per_row_gradients_come_from_each_adapters_own_rows(mixed_path):

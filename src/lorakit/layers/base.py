@@ -314,7 +314,12 @@ class LoraLayer(nn.Module):
             rows.append(index)
         index = rows[0] if len(rows) == 1 else torch.cat(rows)
         delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas)
-        return out.index_add(0, index, delta.to(out.dtype))
+        if delta.dtype == out.dtype:
+            return out.index_add(0, index, delta)
+        # mixed precision: each row's sum formed in the adapter's dtype and rounded once, as the
+        # one-adapter path does (every row sits in one group, so the index has no repeats)
+        summed = out.index_select(0, index).to(delta.dtype) + delta
+        return out.index_copy(0, index, summed.to(out.dtype))
 
     def _checked_row_slots(self, x: torch.Tensor) -> torch.Tensor:
         """The per-row slots, after checking there is one for every row of the batch.
@@ -382,7 +387,10 @@ class LoraLayer(nn.Module):
                 return flat.baddbmm_(xa, b.transpose(1, 2)).view(out.shape)
             return torch.baddbmm(flat, xa, b.transpose(1, 2)).view(out.shape)
         delta = torch.bmm(xa, b.transpose(1, 2))  # (N, tokens, out)
-        return (flat + delta.to(out.dtype)).view(out.shape)
+        # mixed precision: the sum formed in the adapter's dtype and rounded once into out's
+        if _no_autograd(out, a):
+            return flat.add_(delta).view(out.shape)
+        return (flat + delta).to(out.dtype).view(out.shape)
 
     # -- merging -------------------------------------------------------------------------------
     def merge(self, name: str | None = None) -> bool:
