@@ -42,7 +42,8 @@ def nonzero_b(params: list[torch.nn.Parameter], seed: int = 1) -> None:
 def with_lorakit(base, targets="all-linear", rank=RANK):
     import lorakit
 
-    config = lorakit.LoraConfig(r=rank, alpha=ALPHA * rank / RANK, target_modules=targets)
+    # alpha scales with the rank: every rank gets the scale alpha / r = ALPHA / RANK
+    config = lorakit.LoraConfig(r=rank, alpha=ALPHA * rank // RANK, target_modules=targets)
     model = lorakit.apply_lora(copy.deepcopy(base), config)
     nonzero_b([layer.lora_B["default"] for _, layer in lorakit.lora_layers(model)])
     return model.eval()
