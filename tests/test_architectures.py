@@ -210,3 +210,19 @@ def test_plan_on_the_meta_device_counts_what_peft_adds(case):
     assert (
         planned.trainable == ours == sum(p.numel() for p in theirs.parameters() if p.requires_grad)
     )
+
+
+def test_a_peft_adapter_file_loads_to_the_same_output(case, tmp_path):
+    """The other direction: PEFT writes (rsLoRA scaling, random A and B), lorakit reads."""
+    peft = pytest.importorskip("peft")
+    name, base, kwargs = case
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_rslora=True)
+    theirs = peft.get_peft_model(copy.deepcopy(base), config)
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for key, p in theirs.named_parameters():
+            if "lora_" in key:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    theirs.eval().save_pretrained(tmp_path)
+    ours = lorakit.load_adapter(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(logits(ours, kwargs), logits(theirs, kwargs))
