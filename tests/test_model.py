@@ -318,6 +318,19 @@ def test_adapter_per_row_checks_the_number_of_rows():
         model(ids())
 
 
+def test_adapter_per_row_checks_the_rows_of_a_two_dimensional_batch():
+    """A layer may see rows flattened with their tokens (OPT's MLP), so a 2-D batch of 4 rows
+    would pass a per-layer check with 2 names; the model's own input is checked first."""
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    for name in ("a", "b"):
+        lorakit.apply_lora(model, LoraConfig(r=2, target_modules=["0", "2"]), name)
+    with lorakit.adapter_per_row(model, ["a", "b"]):
+        with pytest.raises(AdapterError, match=r"2 names but the batch has 4 rows \(input of sh"):
+            model(torch.randn(4, 16))
+        assert model(torch.randn(2, 16)).shape == (2, 4)
+    model(torch.randn(4, 16))  # the check goes with the block
+
+
 def test_adapter_per_row_ends_cleanly_after_an_error():
     _, model = two_adapters()
     x = ids()

@@ -268,6 +268,9 @@ def adapter_per_row(model: nn.Module, names: Sequence[str | None]) -> Iterator[n
     if merged:
         raise MergeError(f"adapter_per_row needs unmerged adapters; {merged[0]} is merged")
     saved = [m for _, m in _wrappers(model) if isinstance(m, L.SavedModule)]
+    # The model's own input says how many rows a batch has; inside, a layer may see them
+    # flattened with their tokens (OPT's MLP), so the count is checked here, once per call.
+    check = model.register_forward_pre_hook(_rows_checker(len(names)), with_kwargs=True)
     try:
         for _, layer in layers:
             layer.set_rows(names)
@@ -275,10 +278,40 @@ def adapter_per_row(model: nn.Module, names: Sequence[str | None]) -> Iterator[n
             m._row_names = list(names)
         yield model
     finally:
+        check.remove()
         for _, layer in layers:
             layer.clear_rows()
         for m in saved:
             m._row_names = None
+
+
+#: keyword inputs whose first axis is the batch, in the order they are looked for
+_BATCH_INPUTS = (
+    "input_ids",
+    "inputs_embeds",
+    "pixel_values",
+    "input_values",
+    "input_features",
+    "decoder_input_ids",
+)
+
+
+def _rows_checker(n: int):
+    """A forward pre-hook refusing a batch whose row count is not the number of names given."""
+
+    def check(module, args, kwargs):
+        found = [(k, kwargs.get(k)) for k in _BATCH_INPUTS] + [("input", a) for a in args]
+        for key, value in found:
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                if value.shape[0] != n:
+                    raise AdapterError(
+                        f"adapter_per_row was given {n} names but the batch has "
+                        f"{value.shape[0]} rows ({key} of shape {tuple(value.shape)})"
+                    )
+                return None
+        return None
+
+    return check
 
 
 def _merge_targets(model: nn.Module, adapter_name: str | None) -> list[tuple[str, L.LoraLayer]]:
