@@ -23,6 +23,7 @@ import lorakit
 from lorakit import LoraConfig
 from lorakit.layers import LoraLayer
 from lorakit.quant import dequantize
+from tiny_models import each_row_alone, randomise
 
 VOCAB = 100
 DECODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
@@ -98,11 +99,11 @@ def logits(model, kwargs) -> torch.Tensor:
         return model(**kwargs).logits
 
 
-def randomise(model) -> None:
-    gen = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in lorakit.adapter_parameters(model):
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+def two_adapters(model):
+    """``model`` with adapters "a" (CONFIG) and "b" (rank 2, every linear layer), randomised."""
+    lorakit.apply_lora(model, CONFIG, "a")
+    lorakit.apply_lora(model, LoraConfig(r=2, alpha=3, target_modules="all-linear"), "b")
+    return randomise(model)
 
 
 @pytest.fixture(params=sorted(MODELS))
@@ -141,21 +142,15 @@ def test_quantized_base_computes_its_dequantized_weights(case):
 def test_mixed_batch_rows_equal_each_row_alone(case, grouped_max, monkeypatch):
     monkeypatch.setattr(LoraLayer, "GROUPED_MAX_ADAPTERS", grouped_max)
     name, base, kwargs = case
-    model = lorakit.apply_lora(copy.deepcopy(base), CONFIG, "a")
-    lorakit.apply_lora(model, LoraConfig(r=2, alpha=3, target_modules="all-linear"), "b")
-    randomise(model)
+    model = two_adapters(copy.deepcopy(base))
     names = ["a", None, "b"]
     with lorakit.adapter_per_row(model, names):
         mixed = logits(model, kwargs)
-    for i, adapter in enumerate(names):
-        row = {k: v[i : i + 1] for k, v in kwargs.items()}
-        if adapter is None:
-            with lorakit.disable_adapters(model):
-                alone = logits(model, row)
-        else:
-            lorakit.set_adapter(model, adapter)
-            alone = logits(model, row)
-        torch.testing.assert_close(mixed[i : i + 1], alone)
+    alone = each_row_alone(
+        model, names, lambda i: logits(model, {k: v[i : i + 1] for k, v in kwargs.items()})
+    )
+    for i, row in enumerate(alone):
+        torch.testing.assert_close(mixed[i : i + 1], row)
 
 
 GENERATES = sorted(set(MODELS) - {"distilbert", "vit"})
@@ -165,30 +160,21 @@ GENERATES = sorted(set(MODELS) - {"distilbert", "vit"})
 def test_mixed_batch_generation_equals_each_row_alone(name):
     """Greedy generation with the KV cache: prefill and every decoding step take each row's
     adapter, so each row's tokens are the ones it generates alone."""
-    model = lorakit.apply_lora(MODELS[name]().eval(), CONFIG, "a")
-    lorakit.apply_lora(model, LoraConfig(r=2, alpha=3, target_modules="all-linear"), "b")
-    randomise(model)
+    model = two_adapters(MODELS[name]().eval())
     ids = inputs(name)["input_ids"]
     options = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
     names = ["a", None, "b"]
     with torch.no_grad(), lorakit.adapter_per_row(model, names):
         mixed = model.generate(ids, **options)
-    for i, adapter in enumerate(names):
-        with torch.no_grad():
-            if adapter is None:
-                with lorakit.disable_adapters(model):
-                    alone = model.generate(ids[i : i + 1], **options)
-            else:
-                lorakit.set_adapter(model, adapter)
-                alone = model.generate(ids[i : i + 1], **options)
-        assert torch.equal(mixed[i : i + 1], alone), f"row {i} ({adapter})"
+    with torch.no_grad():
+        alone = each_row_alone(model, names, lambda i: model.generate(ids[i : i + 1], **options))
+    for i, row in enumerate(alone):
+        assert torch.equal(mixed[i : i + 1], row), f"row {i} ({names[i]})"
 
 
 @pytest.mark.parametrize("name", GENERATES)
 def test_mixed_batch_training_gives_gradient_only_to_the_rows_adapters(name):
-    model = lorakit.apply_lora(MODELS[name]().train(), CONFIG, "a")
-    lorakit.apply_lora(model, LoraConfig(r=2, alpha=3, target_modules="all-linear"), "b")
-    randomise(model)
+    model = two_adapters(MODELS[name]().train())
     kwargs = inputs(name)
     labels = kwargs.get("decoder_input_ids", kwargs["input_ids"]).contiguous()
     with lorakit.adapter_per_row(model, ["a", None, "a"]):

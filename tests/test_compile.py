@@ -125,14 +125,12 @@ def test_mixed_adapter_batch_has_no_graph_breaks():
 def test_other_architectures_trace_without_graph_breaks(name):
     """OPT (mixed batches on its flattened MLP input), Phi-3 (fused projections), T5 (encoder-
     decoder): one adapter and a mixed batch trace into as many graphs as the base does."""
-    from test_architectures import CONFIG, MODELS, inputs, randomise
+    from test_architectures import MODELS, inputs, two_adapters
 
     base, kwargs = MODELS[name]().eval(), inputs(name)
     expected = torch._dynamo.explain(base)(**kwargs).graph_break_count
     torch._dynamo.reset()
-    model = lorakit.apply_lora(copy.deepcopy(base), CONFIG, "a")
-    lorakit.apply_lora(model, LoraConfig(r=2, target_modules="all-linear"), "b")
-    randomise(model)
+    model = two_adapters(copy.deepcopy(base))
     explanation = torch._dynamo.explain(model)(**kwargs)
     assert explanation.graph_break_count == expected, explanation.break_reasons
     torch._dynamo.reset()

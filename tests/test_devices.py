@@ -18,7 +18,7 @@ import torch
 import lorakit
 from lorakit import LoraConfig
 from lorakit.quant import QuantizedWeight
-from tiny_models import BATCH, LLAMA, SEQ, tiny_llama
+from tiny_models import BATCH, LLAMA, SEQ, each_row_alone, tiny_llama
 
 VOCAB = LLAMA["vocab_size"]
 DEVICES = [
@@ -104,14 +104,9 @@ def test_mixed_batch_rows_equal_each_row_alone(device, adapters):
     with torch.no_grad(), lorakit.adapter_per_row(model, rows):
         mixed = model(ids).logits
     with torch.no_grad():
-        for i, name in enumerate(rows):
-            if name is None:
-                with lorakit.disable_adapters(model):
-                    alone = model(ids[i : i + 1]).logits
-            else:
-                lorakit.set_adapter(model, name)
-                alone = model(ids[i : i + 1]).logits
-            _close(mixed[i : i + 1], alone, torch.float32)
+        alone = each_row_alone(model, rows, lambda i: model(ids[i : i + 1]).logits)
+    for i, row in enumerate(alone):
+        _close(mixed[i : i + 1], row, torch.float32)
 
 
 @pytest.mark.parametrize("device", DEVICES)

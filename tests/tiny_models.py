@@ -90,3 +90,17 @@ def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         out = model(x)
     return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def each_row_alone(model: nn.Module, names, run) -> list:
+    """``run(i)`` for every row i with only that row's adapter on (None: adapters disabled): the
+    reference a mixed-adapter batch is compared with."""
+    results = []
+    for i, name in enumerate(names):
+        if name is None:
+            with lorakit.disable_adapters(model):
+                results.append(run(i))
+        else:
+            lorakit.set_adapter(model, name)
+            results.append(run(i))
+    return results
