@@ -39,6 +39,11 @@ def nonzero_b(params: list[torch.nn.Parameter], seed: int = 1) -> None:
             p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
 
 
+def nbytes(params) -> int:
+    """Bytes held by these tensors (a decoding step reads each weight once)."""
+    return sum(p.numel() * p.element_size() for p in params)
+
+
 def with_lorakit(base, targets="all-linear", rank=RANK):
     import lorakit
 

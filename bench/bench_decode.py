@@ -46,10 +46,10 @@ def run(threads: int) -> list[dict]:
     peft_speed = 1 / C.median_ratio(times, "peft", "base")
     rank1_speed = 1 / C.median_ratio(times, "rank1", "base")
     base_tps = NEW / min(times["base"])
-    adapter_bytes = sum(p.numel() * p.element_size() for p in lorakit.adapter_parameters(ours))
+    adapter_bytes = C.nbytes(lorakit.adapter_parameters(ours))
     # a token reads every weight once: the embedding matrix in full through the tied head (the
     # lookup itself reads one row), every other weight by its layer
-    base_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+    base_bytes = C.nbytes(base.parameters())
     return [
         C.row("base tokens/s (best round)", base_tps, None, "", None, "", "tok/s"),
         C.row(

@@ -134,8 +134,8 @@ def mixed_generate(base, n=16, prompt_tokens=16, new_tokens=24):
         times = C.interleaved({**fns, "peft": run_peft}, 3)
     vs_base = C.median_ratio(times, "lorakit", "base")
     peft_vs_base = C.median_ratio(times, "peft", "base")
-    adapter_bytes = sum(p.numel() * p.element_size() for p in lorakit.adapter_parameters(ours))
-    base_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+    adapter_bytes = C.nbytes(lorakit.adapter_parameters(ours))
+    base_bytes = C.nbytes(base.parameters())
     label = f"{n} adapters, greedy generation of {n} rows ({prompt_tokens} + {new_tokens} tokens)"
     return [
         C.row(
