@@ -57,11 +57,6 @@ class LoraLayer(nn.Module):
         self.register_parameter("bias", getattr(base, "bias", None))
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
-        # The dicts the ParameterDicts store their parameters in, read directly by forward (a
-        # decoded token calls hundreds of layers; attribute chains cost more than the math).
-        # They always hold the current parameters: .to(), load_state_dict and deepcopy keep them.
-        self._A = self.lora_A._parameters
-        self._B = self.lora_B._parameters
         self.r: dict[str, int] = {}
         self.alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -90,6 +85,19 @@ class LoraLayer(nn.Module):
         if "bias" in base._parameters:
             base._parameters["bias"] = None
         object.__setattr__(self, "_shell", base)
+
+    # The dicts the ParameterDicts store their parameters in, read directly by forward (a decoded
+    # token calls hundreds of layers; ``self.lora_A[name]`` goes through two ``__getattr__``
+    # calls). Looked up afresh on every read, never kept in an attribute: ``torch.export`` and
+    # other tracers swap a module's tensor-holding attributes while they trace, and a kept alias
+    # would then point at the tracer's copies (the live model silently losing its adapters).
+    @property
+    def _A(self) -> dict[str, nn.Parameter]:
+        return self._modules["lora_A"]._parameters
+
+    @property
+    def _B(self) -> dict[str, nn.Parameter]:
+        return self._modules["lora_B"]._parameters
 
     # -- what subclasses provide ---------------------------------------------------------------
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
