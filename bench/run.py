@@ -156,13 +156,25 @@ def markdown_table(rows: list[list[str]]) -> str:
 
 
 def cpu_model() -> str:
+    """The CPU's model name and the widest vector instructions it has, with the kernels torch
+    picked: AVX2 and AVX-512 machines run different GEMM kernels and give different ratios."""
+    name, flags = "", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            if line.startswith("model name") and not name:
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown"
+    name = name or platform.processor() or platform.machine() or "unknown"
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
+    import torch
+
+    kernels = torch.backends.cpu.get_cpu_capability()
+    return (
+        f"{name}, {isa} (torch kernels: {kernels})" if isa else f"{name} (torch kernels: {kernels})"
+    )
 
 
 def package_version(name: str) -> str:
