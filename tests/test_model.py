@@ -225,8 +225,8 @@ def test_adapter_per_row_matches_running_each_row_alone(mixed_path):
     for i, name in enumerate(MIXED_NAMES):
         lorakit.set_adapter(model, name)
         torch.testing.assert_close(mixed[i : i + 1], model(x[i : i + 1]))
-        if name is None:
-            assert torch.equal(mixed[i], reference(x[i : i + 1])[0])
+        if name is None:  # a row alone is a smaller GEMM: another kernel may sum differently
+            torch.testing.assert_close(mixed[i], reference(x[i : i + 1])[0])
     lorakit.set_adapter(model, "a")
     torch.testing.assert_close(model(x), run_hand(hand_merged(reference, model, "a"), x))
 
