@@ -27,7 +27,7 @@ needs_inductor = pytest.mark.skipif(
     not (HAS_DYNAMO and HAS_COMPILER), reason="torch.compile's inductor needs a C++ compiler"
 )
 # Inductor writes C++ for this CPU's own vector instructions, which torch's headers do not declare
-# when ATEN_CPU_CAPABILITY selects narrower kernels (scripts/test_other_kernels.sh): it cannot build.
+# under an ATEN_CPU_CAPABILITY override (scripts/test_other_kernels.sh): it cannot build there.
 needs_native_kernels = pytest.mark.skipif(
     bool(os.environ.get("ATEN_CPU_CAPABILITY")),
     reason="inductor cannot compile under an ATEN_CPU_CAPABILITY override",
