@@ -30,7 +30,7 @@ def reference(layer, weights) -> torch.Tensor:
         if n in layer.lora_A:
             a = layer.lora_A[n].detach().double().flatten(1)
             b = layer.lora_B[n].detach().double().flatten(1)
-            delta = w * layer.scaling[n] * (b @ a)
+            delta = w * layer.record(n).scale * (b @ a)
             total = total + (delta.t() if layer.kind == "embedding" else delta)
     return total
 
@@ -42,8 +42,8 @@ def test_cat_is_exact_and_sums_ranks():
         ref = reference(layer, WEIGHTS).to(torch.float32)
         torch.testing.assert_close(layer.delta_weight("ab"), ref)
         expected_rank = 6 if path in ("0", "3") else 4
-        assert layer.r["ab"] == expected_rank
-        assert layer.scaling["ab"] == 1.0
+        assert layer.record("ab").rank == expected_rank
+        assert layer.record("ab").scale == 1.0
 
 
 def test_cat_output_equals_weighted_sum_of_adapted_outputs():
@@ -80,7 +80,7 @@ def test_svd_matches_float64_truncation():
         got = got.t() if layer.kind == "embedding" else got
         # float32 SVD of a float32 sum against float64: agreement to float32 precision
         torch.testing.assert_close(got, best, rtol=1e-4, atol=1e-4)
-        assert layer.r["s"] == 2
+        assert layer.record("s").rank == 2
 
 
 def test_linear_of_one_adapter_is_exact_and_needs_one_rank():

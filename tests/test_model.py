@@ -532,3 +532,22 @@ def test_bias_all_leaves_the_saved_original_frozen():
         module = model.get_submodule(name)
         assert getattr(module, "bias", None) is None or module.bias.requires_grad, name
     assert lorakit.count_parameters(model) == (the_plan.trainable, the_plan.total)
+
+
+def test_merge_computes_each_merged_weight_once(monkeypatch):
+    """The all-or-nothing check is a cheap bound; the merged weight itself is formed once."""
+    _, model = two_adapters()
+    lorakit.set_adapter(model, "a")
+    calls = []
+
+    def counting(original):
+        def counted(self, name):
+            calls.append(self._where())
+            return original(self, name)
+
+        return counted
+
+    for cls in {type(m) for _, m in lorakit.lora_layers(model)}:
+        monkeypatch.setattr(cls, "delta_weight", counting(cls.delta_weight))
+    changed = lorakit.merge(model)
+    assert changed and sorted(calls) == sorted(changed)

@@ -20,6 +20,7 @@ from .io import (
     hotswap_adapter,
     inspect_adapter,
     load_adapter,
+    merge_state_dict,
     pad_adapter_rank,
     save_adapter,
 )
@@ -76,6 +77,7 @@ __all__ = [
     "lora_layers",
     "merge",
     "merge_and_unload",
+    "merge_state_dict",
     "merged_state_dict",
     "pad_adapter_rank",
     "parameter_line",

@@ -38,8 +38,8 @@ from torch import nn
 
 from .config import LoraConfig
 from .errors import ConfigError
-from .layers import LoraLayer
-from .model import adapter_configs, check_adapter_name, lora_layers
+from .layers import AdapterRecord, LoraLayer
+from .model import adapter_configs, check_adapter_name, lora_layers, registry
 
 METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
 _NEEDS_RANK = ("svd", "ties", "dare_linear", "dare_ties")
@@ -103,19 +103,19 @@ def combine(
     for layer, a, b in results.values():
         r = a.shape[0]
         dtype = layer.lora_A[next(n for n in weights if n in layer.lora_A)].dtype
-        layer.add_adapter(name, r, float(r), 1.0, 0.0, dtype=dtype)
+        layer.add_adapter(name, AdapterRecord(r, float(r), 1.0), dtype=dtype)
         with torch.no_grad():
             layer.lora_A[name].copy_(a.reshape(layer.lora_A[name].shape))
             layer.lora_B[name].copy_(b.reshape(layer.lora_B[name].shape))
     pattern = {re.escape(p): r for p, r in ranks.items() if r != top}
-    configs[name] = LoraConfig(
+    config = LoraConfig(
         r=top,
         alpha=float(top),
         target_modules=sorted(ranks),
         rank_pattern=pattern,
         alpha_pattern={k: float(v) for k, v in pattern.items()},
     )
-    model.lorakit_configs = configs
+    registry(model).set(name, config)
     return name
 
 
@@ -123,7 +123,7 @@ def _factors(layer: LoraLayer, name: str) -> tuple[torch.Tensor, torch.Tensor, f
     """(A (r, in_flat), B (out, r), s) of one adapter in float32."""
     a = layer.lora_A[name].detach().float().flatten(1)
     b = layer.effective_B(name).detach().float().flatten(1)
-    return a, b, layer.scaling[name]
+    return a, b, layer.record(name).scale
 
 
 def _combine_layer(layer, present, method, rank, density, gen, path):

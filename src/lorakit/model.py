@@ -20,7 +20,7 @@ from .quant import QuantizedWeight, quantized_weights
 from .targeting import parameter_line, plan
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]{0,99}")
-_CONFIGS = "lorakit_configs"  # attribute on the adapted model: {adapter name: LoraConfig}
+_REGISTRY = "lorakit_registry"  # attribute on the adapted model: its AdapterRegistry
 
 
 def check_adapter_name(name: object) -> str:
@@ -38,13 +38,78 @@ def check_adapter_name(name: object) -> str:
     return name
 
 
+class AdapterRegistry:
+    """The adapters on one model: their configs by name, in the order they were added, and the
+    slot table its layers share for mixed batches (``layers/rows.py``).
+
+    One per adapted model, kept on it as ``lorakit_registry``; every change of which adapters a
+    model has goes through it (apply, load, combine, delete, unload), and a failed change rolls
+    back through ``transaction``.
+    """
+
+    def __init__(self) -> None:
+        self.configs: dict[str, LoraConfig] = {}
+        self.table = L.SlotTable()
+        self.merged: list[str] = []  # paths of layers with a merged adapter (model.merge)
+
+    def require(self, name: str, doing: str = "") -> LoraConfig:
+        """The config of adapter ``name``, or the one "no adapter named ..." error."""
+        if name not in self.configs:
+            known = ", ".join(self.configs) or "none"
+            what = f" to {doing}" if doing else ""
+            raise AdapterError(f"no adapter named {name!r}{what} (adapters: {known})")
+        return self.configs[name]
+
+    def set(self, name: str, config: LoraConfig) -> None:
+        """Add adapter ``name`` (at the end) or give it a new config (in place)."""
+        self.configs[name] = config
+        self.table.renumber(list(self.configs))
+
+    def remove(self, name: str) -> None:
+        del self.configs[name]
+        self.table.renumber(list(self.configs))
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[AdapterRegistry]:
+        """Within the block, changes are undone if it raises."""
+        before = dict(self.configs)
+        try:
+            yield self
+        except BaseException:
+            self.configs = before
+            self.table.renumber(list(before))
+            raise
+
+
+def registry(model: nn.Module, create: bool = False) -> AdapterRegistry:
+    """The model's adapter registry (an empty one, not attached, when it has none and ``create``
+    is false; attached to the model when ``create``)."""
+    found = model.__dict__.get(_REGISTRY)
+    if found is None:
+        found = AdapterRegistry()
+        if create:
+            model.__dict__[_REGISTRY] = found
+    return found
+
+
+def move_registry(old: nn.Module, new: nn.Module) -> None:
+    """The model object changed (its root was wrapped or unwrapped): the registry goes along."""
+    if old is not new and _REGISTRY in old.__dict__:
+        new.__dict__[_REGISTRY] = old.__dict__.pop(_REGISTRY)
+
+
+def require_adapter(model: nn.Module, name: str, doing: str = "") -> LoraConfig:
+    """The config of adapter ``name`` on ``model``, or an AdapterError listing the adapters."""
+    return registry(model).require(name, doing)
+
+
 def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
     """The configs of the adapters on a model, by name, in the order they were added."""
-    return dict(getattr(model, _CONFIGS, {}))
+    return dict(registry(model).configs)
 
 
 def list_adapters(model: nn.Module) -> list[str]:
-    return list(adapter_configs(model))
+    return list(registry(model).configs)
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, L.LoraLayer]]:
@@ -63,16 +128,10 @@ def _wrappers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 def adapter_parameters(model: nn.Module, adapter_name: str | None = None) -> Iterator[nn.Parameter]:
     """The parameters that belong to adapters (all, or one adapter's): A, B and saved copies."""
     for _, module in _wrappers(model):
-        if isinstance(module, L.LoraLayer):
-            names = module.adapter_names if adapter_name is None else [adapter_name]
-            for n in names:
-                if n in module.lora_A:
-                    yield module.lora_A[n]
-                    yield module.lora_B[n]
-        else:
-            for n, copy in module.modules_to_save.items():
-                if adapter_name is None or n == adapter_name:
-                    yield from copy.parameters()
+        names = module.adapter_names if adapter_name is None else [adapter_name]
+        for n in names:
+            if n in module.adapter_names:
+                yield from module.adapter_tensors(n)
 
 
 def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
@@ -101,10 +160,10 @@ def apply_lora(
     Raises ``TargetError`` if a target matches nothing, naming the closest module names.
     """
     check_adapter_name(adapter_name)
-    configs = adapter_configs(model)
-    if adapter_name in configs:
+    if adapter_name in registry(model).configs:
         raise AdapterError(f"the model already has an adapter named {adapter_name!r}")
     the_plan = plan(model, config)
+    adapters = registry(model, create=True)
     # A module object registered at several paths (a shared block) is wrapped once and the same
     # LoRA layer is put at every path, so the sharing survives.
     aliases: dict[int, list[str]] = {}
@@ -119,6 +178,7 @@ def apply_lora(
         else:
             layer = L.wrap(module, row.kind, row.slices)
             layer._path = row.path
+            layer.table = adapters.table
             for path in aliases.get(id(module), [row.path]):
                 if path:
                     _replace(root, path, layer)
@@ -127,14 +187,14 @@ def apply_lora(
         dtype = adapter_dtype
         if dtype is None and layer.weight.dtype in (torch.float16, torch.bfloat16):
             dtype = torch.float32
-        layer.add_adapter(
-            adapter_name, row.r, row.alpha, row.scaling, config.dropout, config.init, dtype
-        )
+        record = L.AdapterRecord(row.r, row.alpha, row.scaling, float(config.dropout))
+        layer.add_adapter(adapter_name, record, config.init, dtype)
         new_layers.append(layer)
     for path, _ in the_plan.saved:
         module = root.get_submodule(path)
         if not isinstance(module, L.SavedModule):
             module = L.SavedModule(module)
+            module.table = adapters.table
             _replace(root, path, module)
         module.add_adapter(adapter_name)
 
@@ -161,17 +221,16 @@ def apply_lora(
             if layer.bias is not None:
                 layer.bias.requires_grad_(True)
 
-    configs[adapter_name] = config
-    setattr(root, _CONFIGS, configs)
+    move_registry(model, root)
+    adapters.set(adapter_name, config)
     set_adapter(root, adapter_name)
     return root
 
 
 def set_adapter(model: nn.Module, adapter_name: str | None) -> None:
     """Make ``adapter_name`` the adapter every layer adds (None: none, the base alone)."""
-    if adapter_name is not None and adapter_name not in adapter_configs(model):
-        known = ", ".join(adapter_configs(model)) or "none"
-        raise AdapterError(f"no adapter named {adapter_name!r} (adapters: {known})")
+    if adapter_name is not None:
+        require_adapter(model, adapter_name)
     # Every layer is checked before any switches, so a refusal leaves the model as it was.
     merged = [
         f"{path} ({', '.join(layer.merged_adapters)})"
@@ -197,21 +256,23 @@ def active_adapter(model: nn.Module) -> str | None:
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     """Remove an adapter and free its parameters; layers left with no adapter become plain again."""
-    configs = adapter_configs(model)
-    if adapter_name not in configs:
-        known = ", ".join(configs) or "none"
-        raise AdapterError(f"no adapter named {adapter_name!r} (adapters: {known})")
+    adapters = registry(model)
+    adapters.require(adapter_name)
+    root = model
     for path, module in list(_wrappers(model)):
         if adapter_name in module.adapter_names:
             module.delete_adapter(adapter_name)
         if not module.adapter_names:
             if not path:
-                model = module.unload()
+                root = module.unload()
                 continue
             _replace(model, path, module.unload())
-    del configs[adapter_name]
-    setattr(model, _CONFIGS, configs)
-    return model
+    adapters.remove(adapter_name)
+    if adapters.configs:
+        move_registry(model, root)
+    else:
+        model.__dict__.pop(_REGISTRY, None)
+    return root
 
 
 @contextlib.contextmanager
@@ -231,58 +292,50 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     before = [m.disabled for m in modules]
     try:
         for m in modules:
-            m.disabled = True
-            m._update_route()
+            m.set_disabled(True)
         yield model
     finally:
         for m, state in zip(modules, before, strict=True):
-            m.disabled = state
-            m._update_route()
+            m.set_disabled(state)
 
 
 @contextlib.contextmanager
 def adapter_per_row(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
     """Within the block, row ``i`` of every batch uses adapter ``names[i]`` (None: the base).
 
-    Each layer gathers its rows' adapters from a stack padded to a common rank and adds them in one
-    batched matmul. Adapters may differ in rank and in the modules they target (a layer without a
-    row's adapter adds nothing for that row). Works for training: each adapter gets gradient only
-    from its own rows. A linear layer that sees the batch flattened to (rows × tokens, features),
-    as OPT's MLP does, takes each row's tokens to be consecutive.
+    The rows' assignment is one plan (``lorakit.layers.RowPlan``) built here once and read by
+    every layer, so entering a block costs the same for any number of layers; the plan is in force
+    for this model in this thread only (two threads may run different plans on one model).
+    Adapters may differ in rank and in the modules they target (a layer without a row's adapter
+    adds nothing for that row). Works for training: each adapter gets gradient only from its own
+    rows. A linear layer that sees the batch flattened to (rows × tokens, features), as OPT's MLP
+    does, takes each row's tokens to be consecutive. A layer whose adapter is merged refuses.
 
-    Memory, in inference: the first mixed batch stacks each layer's adapters into one tensor (a
-    second copy of the adapters), kept for later blocks while none of them changes and dropped by
-    ``delete_adapter``; each row's pick from it is freed after use on the block's first call and
-    kept from its second call on (generation steps) until the block ends. Up to
-    ``LoraLayer.GROUPED_MAX_ADAPTERS`` distinct adapters in a layer are applied group by group from
-    the parameters themselves, with no copy.
+    Memory, in inference: with more than ``LoraLayer.GROUPED_MAX_ADAPTERS`` distinct adapters a
+    layer stacks its adapters into one tensor (a second copy of them), kept for later blocks
+    while none of them changes and dropped by ``delete_adapter``; each row's pick from it is
+    freed after use on the block's first call and kept from its second call on (generation
+    steps) until the block ends. Fewer adapters are applied group by group from the parameters
+    themselves, with no copy.
     """
-    configs = adapter_configs(model)
-    unknown = sorted({n for n in names if n is not None and n not in configs})
+    adapters = registry(model)
+    unknown = sorted({n for n in names if n is not None and n not in adapters.configs})
     if unknown:
         raise AdapterError(
-            f"adapter_per_row: unknown adapter(s) {unknown}; adapters: {', '.join(configs)}"
+            f"adapter_per_row: unknown adapter(s) {unknown}; adapters: "
+            f"{', '.join(adapters.configs) or 'none'}"
         )
-    layers = list(lora_layers(model))
-    merged = [p for p, layer in layers if layer.merged_adapters]
-    if merged:
-        raise MergeError(f"adapter_per_row needs unmerged adapters; {merged[0]} is merged")
-    saved = [m for _, m in _wrappers(model) if isinstance(m, L.SavedModule)]
+    if adapters.merged:
+        raise MergeError(f"adapter_per_row needs unmerged adapters; {adapters.merged[0]} is merged")
+    plan_ = L.RowPlan(adapters.table, names)
     # The model's own input says how many rows a batch has; inside, a layer may see them
     # flattened with their tokens (OPT's MLP), so the count is checked here, once per call.
     check = model.register_forward_pre_hook(_rows_checker(len(names)), with_kwargs=True)
     try:
-        for _, layer in layers:
-            layer.set_rows(names)
-        for m in saved:
-            m._row_names = list(names)
-        yield model
+        with L.rows_in_force(plan_):
+            yield model
     finally:
         check.remove()
-        for _, layer in layers:
-            layer.clear_rows()
-        for m in saved:
-            m._row_names = None
 
 
 #: keyword inputs whose first axis is the batch, in the order they are looked for
@@ -314,21 +367,17 @@ def _rows_checker(n: int):
     return check
 
 
-def _merge_targets(model: nn.Module, adapter_name: str | None) -> list[tuple[str, L.LoraLayer]]:
-    if adapter_name is not None and adapter_name not in adapter_configs(model):
-        known = ", ".join(adapter_configs(model)) or "none"
-        raise AdapterError(f"no adapter named {adapter_name!r} (adapters: {known})")
-    return list(lora_layers(model))
-
-
 def merge(model: nn.Module, adapter_name: str | None = None) -> list[str]:
     """Fold the active adapter (or ``adapter_name``) into the base weights; returns changed paths.
 
     ``W' = W + s · B A``, computed in float32 and cast once to the weight's dtype. Merging again is
     a no-op. Every layer is checked before any weight is written: if a merge would produce a
-    non-finite value, ``MergeError`` names the module and nothing is changed.
+    non-finite value, ``MergeError`` names the module and nothing is changed. The check is cheap
+    (a bound from the tensors' norms); each merged weight is computed once, when it is written.
     """
-    layers = _merge_targets(model, adapter_name)
+    adapters = registry(model)
+    if adapter_name is not None:
+        adapters.require(adapter_name)
     owners: dict[int, list[tuple[str, nn.Module]]] = {}
     for path, module in model.named_modules(remove_duplicate=False):
         for pname, param in module._parameters.items():
@@ -337,9 +386,9 @@ def merge(model: nn.Module, adapter_name: str | None = None) -> list[str]:
                 owners.setdefault(id(param), []).append((key, module))
     problems = []
     work = []
-    for path, layer in layers:
+    for path, layer in lora_layers(model):
         name = adapter_name or layer.active_adapter
-        if name is None or name not in layer.lora_A or name in layer.merged_adapters:
+        if name is None or name not in layer.records or name in layer.merged_adapters:
             continue
         others = [key for key, mod in owners.get(id(layer.weight), []) if mod is not layer]
         if others:
@@ -348,29 +397,24 @@ def merge(model: nn.Module, adapter_name: str | None = None) -> list[str]:
                 "those modules too. Keep this adapter unmerged, or untie the weights first"
             )
             continue
-        with torch.no_grad():
-            new = layer.dense_weight().float() + layer.delta_weight(name).to(layer.weight.device)
-            if not bool(torch.isfinite(new).all()):
-                problems.append(f"{path}: merging {name!r} would write non-finite values")
-            elif layer.weight.dtype != torch.float32 and not bool(
-                torch.isfinite(new.to(layer.weight.dtype)).all()
-            ):
-                problems.append(
-                    f"{path}: merging {name!r} overflows {layer.weight.dtype} "
-                    "(values beyond its range)"
-                )
+        problem = layer.merge_problem(name)
+        if problem:
+            problems.append(f"{path}: {problem}")
         work.append((path, layer, name))
     gather(problems, MergeError, "merge refused, no weight was changed")
     changed = []
     for path, layer, name in work:
         if layer.merge(name):
             changed.append(path)
+    adapters.merged = [p for p, layer in lora_layers(model) if layer.merged_adapters]
     return changed
 
 
 def unmerge(model: nn.Module) -> list[str]:
     """Subtract every merged adapter from the base weights again; returns changed paths."""
-    return [path for path, layer in lora_layers(model) if layer.unmerge()]
+    changed = [path for path, layer in lora_layers(model) if layer.unmerge()]
+    registry(model).merged = []
+    return changed
 
 
 def merge_and_unload(
@@ -405,17 +449,14 @@ def remove_lora(model: nn.Module) -> nn.Module:
 
 
 def _unload(model: nn.Module) -> nn.Module:
+    model.__dict__.pop(_REGISTRY, None)
     for path, module in reversed(list(_wrappers(model))):
-        if isinstance(module, L.SavedModule):
-            plain = module.unload()
-        else:
-            plain = module.unload()
+        plain = module.unload()
         if not path:
             model = plain
         else:
             _replace(model, path, plain)
-    if _CONFIGS in model.__dict__:
-        del model.__dict__[_CONFIGS]
+    model.__dict__.pop(_REGISTRY, None)
     return model
 
 
@@ -462,12 +503,11 @@ def _merged_entries(path: str, module: nn.Module) -> dict[str, torch.Tensor]:
     if name is None and isinstance(module.weight, QuantizedWeight):  # unchanged: as stored
         stored = module.weight.state_dict(prefix="weight.")
         out = {prefix + k: v.detach() for k, v in stored.items()}
-    else:
-        weight = module.dense_weight().detach()  # a quantized base merges in full precision
-        if name is not None:
-            merged = weight.float() + module.delta_weight(name).to(weight.device)
-            weight = merged.to(module.weight.dtype)
-        out = {prefix + "weight": weight}
+    elif name is None:
+        out = {prefix + "weight": module.weight.detach()}
+    else:  # a quantized base merges in full precision
+        with torch.no_grad():
+            out = {prefix + "weight": module.merged_weight(name)}
     if module.bias is not None:
         out[prefix + "bias"] = module.bias.detach()
     return out

@@ -220,13 +220,13 @@ def test_failed_load_leaves_other_adapters_and_flags_alone(saved):
     rewrite(directory, lambda t: t.pop(f"{Q0}.lora_A.weight"))
     assert_refused(directory, AdapterFileError, "missing", model=model)
     assert lorakit.active_adapter(model) == "mine"
-    assert not hasattr(tiny_llama(), "lorakit_configs")
+    assert not hasattr(tiny_llama(), "lorakit_registry")
 
     plain = tiny_llama()
     plain.requires_grad_(True)
     assert_refused(directory, AdapterFileError, "missing", model=plain)
     assert all(p.requires_grad for p in plain.parameters())
-    assert "lorakit_configs" not in vars(plain)
+    assert "lorakit_registry" not in vars(plain)
 
 
 def test_fused_block_form_with_dense_entries(tmp_path):

@@ -116,7 +116,7 @@ def assert_unchanged(model, before):
 
 
 def scales(model, name="default"):
-    return {p: (m.r[name], m.alpha[name], m.scaling[name]) for p, m in lorakit.lora_layers(model)}
+    return {p: m.record(name) for p, m in lorakit.lora_layers(model)}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -166,7 +166,7 @@ def test_other_scale_is_folded_into_B(tmp_path):
     lorakit.hotswap_adapter(model, new)
     fresh = dict(lorakit.lora_layers(lorakit.load_adapter(tiny_llama(), new)))  # scale 0.5
     for path, layer in lorakit.lora_layers(model):
-        assert layer.scaling["default"] == 2.0
+        assert layer.record("default").scale == 2.0
         assert torch.equal(layer.lora_A["default"], fresh[path].lora_A["default"])
         torch.testing.assert_close(layer.lora_B["default"], fresh[path].lora_B["default"] / 4)
 
@@ -265,7 +265,7 @@ def test_the_counter_sees_a_scale_change_recompile(tmp_path, compiles):
         compiled(x)
         assert len(graphs) == 1
         for _, layer in lorakit.lora_layers(model):
-            layer.scaling["default"] = 0.5
+            layer.records["default"] = layer.records["default"].replace(scale=0.5)
         torch.testing.assert_close(compiled(x), model(x))
     assert len(graphs) == 2
 
@@ -302,7 +302,7 @@ def test_pad_adapter_rank_is_exact(tmp_path, factory, make_input, config):
     model = randomise(lorakit.apply_lora(factory(), config))
     x = make_input()
     before = logits(model, x)
-    old = {p: (m.lora_A["default"].clone(), m.lora_B["default"].clone(), m.scaling["default"])
+    old = {p: (m.lora_A["default"].clone(), m.lora_B["default"].clone(), m.record("default").scale)
            for p, m in lorakit.lora_layers(model)}  # fmt: skip
     assert sorted(lorakit.pad_adapter_rank(model, "default", 6)) == sorted(old)
     torch.testing.assert_close(logits(model, x), before)
@@ -315,7 +315,7 @@ def test_pad_adapter_rank_is_exact(tmp_path, factory, make_input, config):
         assert torch.equal(a_blocks[:, :r], a_old.reshape(blocks, r, *a_old.shape[1:]))
         assert not a_blocks[:, r:].any()
         assert torch.equal(b[:, :r], b_old) and not b[:, r:].any()
-        assert (layer.r["default"], layer.scaling["default"]) == (6, s)
+        assert (layer.record("default").rank, layer.record("default").scale) == (6, s)
         assert a.requires_grad and b.requires_grad
     # the padded adapter saves and reads back with its scale
     directory = lorakit.save_adapter(model, tmp_path / "padded")

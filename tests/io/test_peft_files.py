@@ -120,8 +120,8 @@ def test_lorakit_loads_what_peft_saved(case, tmp_path):
     for name, module in theirs.named_modules():
         if isinstance(module, peft.tuners.lora.LoraLayer):
             path = name.removeprefix("base_model.model.")
-            assert layers[path].r["default"] == module.r["default"], path
-            assert layers[path].scaling["default"] == module.scaling["default"], path
+            assert layers[path].record("default").rank == module.r["default"], path
+            assert layers[path].record("default").scale == module.scaling["default"], path
 
 
 def test_fused_slices_load_in_peft_as_the_plain_lora_they_equal(tmp_path):

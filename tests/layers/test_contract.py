@@ -299,7 +299,7 @@ def test_adapter_shapes_and_scale(case):
         assert a.shape == (m * case.r, in_f)
         assert b.shape == (m * out_f // n_slices, case.r)
     assert {id(p) for p in lorakit.adapter_parameters(model)} == {id(a), id(b)}
-    assert layer.scaling[ADAPTER] == pytest.approx(case.scale)
+    assert layer.record(ADAPTER).scale == pytest.approx(case.scale)
 
 
 def test_forward_matches_float64_formula(case):

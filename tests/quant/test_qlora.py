@@ -18,7 +18,7 @@ from torch import nn
 
 import lorakit
 from lorakit import LoraConfig
-from lorakit.layers import LoraLinear
+from lorakit.layers import AdapterRecord, LoraLinear
 from lorakit.quant import (
     QuantizedWeight,
     QuantLinear,
@@ -109,7 +109,7 @@ def test_training_lowers_the_loss_and_changes_only_adapters():
 def test_a_chosen_compute_dtype():
     linear = nn.Linear(64, 32)
     layer = LoraLinear(QuantLinear.from_linear(linear, compute_dtype=torch.bfloat16))
-    layer.add_adapter("a", r=4, alpha=8, scaling=2.0, dtype=torch.float32)
+    layer.add_adapter("a", AdapterRecord(rank=4, alpha=8, scale=2.0), dtype=torch.float32)
     layer.set_adapter("a")
     with torch.no_grad():
         layer.lora_B["a"].normal_()

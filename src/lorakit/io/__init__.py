@@ -5,14 +5,16 @@ the key mapping of ``peft_format``, with the base model's ``fingerprint`` in the
 crash-safe writes of ``safety``. ``export_merged`` (``export``) writes a plain transformers model
 directory with an adapter folded in; ``inspect_adapter`` (``inspect``) describes an adapter
 directory without loading a model; ``hotswap_adapter`` (``hotswap``) replaces a loaded adapter's
-weights in place from another directory, without recompiling a compiled model. safetensors and
-transformers are imported when first used.
+weights in place from another directory, without recompiling a compiled model;
+``merge_state_dict`` (``merge_state``) folds an adapter's tensors into a base state dict, or one
+shard of it, with no model. safetensors and transformers are imported when first used.
 """
 
 from .adapter import AdapterFile, load_adapter, read_adapter, save_adapter
 from .export import export_merged
 from .hotswap import hotswap_adapter, pad_adapter_rank
 from .inspect import format_adapter, inspect_adapter
+from .merge_state import merge_state_dict
 
 __all__ = [
     "AdapterFile",
@@ -21,6 +23,7 @@ __all__ = [
     "hotswap_adapter",
     "inspect_adapter",
     "load_adapter",
+    "merge_state_dict",
     "pad_adapter_rank",
     "read_adapter",
     "save_adapter",

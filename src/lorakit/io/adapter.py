@@ -44,7 +44,6 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 LEGACY_FILE = "adapter_model.bin"
 CONFIG_KEY = "lorakit.config"
 VERSION_KEY = "lorakit.version"
-_CONFIGS_ATTR = "lorakit_configs"  # where apply_lora keeps the adapters' configs on the model
 
 
 def save_adapter(
@@ -248,18 +247,16 @@ def load_adapter(
         return model
     grads = {id(p): p.requires_grad for p in model.parameters()}
     active = active_adapter(model)
-    had_configs = _CONFIGS_ATTR in vars(model)
     model = apply_lora(model, config, adapter_name)
     try:
         _load_tensors(model, file, adapter_name, config.bias)
     except BaseException:
-        # leave the model as it was: no half-loaded adapter, the same flags and active adapter
+        # leave the model as it was: no half-loaded adapter (delete_adapter takes it out of the
+        # registry and the layers), the same flags and active adapter
         model = delete_adapter(model, adapter_name)
         for p in model.parameters():
             p.requires_grad_(grads.get(id(p), p.requires_grad))
         set_adapter(model, active)
-        if not had_configs:
-            vars(model).pop(_CONFIGS_ATTR, None)
         raise
     return model
 
@@ -295,10 +292,11 @@ def _check_same_adapter(model: nn.Module, name: str, config: LoraConfig, path: P
     ]
     for p in rows.keys() & layers.keys():
         row, layer = rows[p], layers[p]
-        if (row.r, row.scaling) != (layer.r[name], layer.scaling[name]):
+        record = layer.record(name)
+        if (row.r, row.scaling) != (record.rank, record.scale):
             problems.append(
                 f"{p}: r={row.r}, scale {row.scaling:g} in the file; "
-                f"r={layer.r[name]}, scale {layer.scaling[name]:g} in adapter {name!r}"
+                f"r={record.rank}, scale {record.scale:g} in adapter {name!r}"
             )
     if problems:
         raise AdapterFileError(

@@ -38,12 +38,12 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError, AdapterFileError, ConfigError, MergeError, gather
-from ..layers import LoraLayer, SavedModule
-from ..model import adapter_configs, check_adapter_name, lora_layers
+from ..layers import SavedModule
+from ..model import check_adapter_name, lora_layers, registry
 from ..targeting import plan
 from . import safety
 from .adapter import _check_base, _listing, _without_absent_task_modules, read_adapter
-from .peft_format import PREFIX, _compact_B, slots
+from .peft_format import PREFIX, slots
 
 
 def hotswap_adapter(
@@ -67,14 +67,7 @@ def hotswap_adapter(
     ``subfolder`` as for :func:`~lorakit.load_adapter`. Returns the model.
     """
     check_adapter_name(adapter_name)
-    configs = adapter_configs(model)
-    if adapter_name not in configs:
-        known = ", ".join(configs) or "none"
-        raise AdapterError(
-            f"no adapter named {adapter_name!r} to hot-swap (adapters: {known}); load the first "
-            "adapter with load_adapter"
-        )
-    kept = configs[adapter_name]
+    kept = registry(model).require(adapter_name, "hot-swap (load the first with load_adapter)")
     layers = {p: layer for p, layer in lora_layers(model) if adapter_name in layer.lora_A}
     merged = [p for p, layer in layers.items() if adapter_name in layer.merged_adapters]
     if merged:
@@ -112,9 +105,9 @@ def hotswap_adapter(
         slices = getattr(layer, "slices", None)
         if row.slices != slices:
             problems.append(f"{p}: fused slices {row.slices} in the file, {slices} here")
-        elif row.r > layer.r[adapter_name]:
-            too_small.append((p, row.r, layer.r[adapter_name]))
-        elif layer.scaling[adapter_name] == 0 and row.scaling != 0:
+        elif row.r > layer.record(adapter_name).rank:
+            too_small.append((p, row.r, layer.record(adapter_name).rank))
+        elif layer.record(adapter_name).scale == 0 and row.scaling != 0:
             problems.append(f"{p}: adapter {adapter_name!r} has scale 0, which holds no update")
     for p, r_file, r_here in sorted(too_small):
         problems.append(
@@ -155,7 +148,7 @@ def _new_values(model, file, name, bias, layers, rows, path) -> list[tuple[torch
         if slot.role in ("lora_A", "lora_B"):
             p, layer = owner[id(slot.target)]
             dim = 0 if slot.role == "lora_A" else 1
-            blocks = expected[dim] // layer.r[name]  # adapted fused slices (1 for a plain layer)
+            blocks = expected[dim] // layer.record(name).rank  # adapted fused slices (or 1)
             expected = (*expected[:dim], blocks * rows[p].r, *expected[dim + 1 :])
         if key not in shapes:
             problems.append(f"missing from the file: {key} (expected {expected})")
@@ -171,9 +164,9 @@ def _new_values(model, file, name, bias, layers, rows, path) -> list[tuple[torch
             continue
         if slot.role in ("lora_A", "lora_B"):
             try:
-                value = _fitted(layer, name, slot.role, value, rows[p], blocks, key)
-            except AdapterFileError as exc:
-                problems.append(str(exc))
+                value = layer.fit_tensor(name, slot.role, value, rows[p].r, rows[p].scaling)
+            except AdapterError as exc:
+                problems.append(f"{key}: {exc}")
                 continue
         writes.append((slot.target, value))
     for key in shapes:
@@ -198,39 +191,6 @@ def _new_values(model, file, name, bias, layers, rows, path) -> list[tuple[torch
     return writes
 
 
-def _fitted(
-    layer: LoraLayer, name: str, role: str, value: torch.Tensor, row, blocks: int, key: str
-) -> torch.Tensor:
-    """A file's A or B in the loaded adapter's layout: its rank padded, its scale folded into B."""
-    rank = layer.r[name]
-    if role == "lora_A":
-        return _pad_rank(value, 0, blocks, rank)
-    if layer.expands_B:  # a fused layer's block-form B back to its compact slices
-        value = _compact_B(layer, row.r, value, key)
-    value = _pad_rank(value, 1, 1, rank)
-    kept = layer.scaling[name]
-    if row.scaling == kept:
-        return value
-    wide = torch.promote_types(value.dtype, torch.float32)  # the product formed in float32 at least
-    return value.to(wide) * (row.scaling / kept)
-
-
-def _pad_rank(t: torch.Tensor, dim: int, blocks: int, rank: int) -> torch.Tensor:
-    """``t`` whose axis ``dim`` holds ``blocks`` slices of rank r, each zero-padded to ``rank``.
-
-    A (blocks·r, in) -> (blocks·rank, in): rows r..rank of each slice are zero; B (out, r) ->
-    (out, rank): columns r..rank are zero. ``B A`` is unchanged: the added terms are 0 · 0.
-    """
-    shape = tuple(t.shape)
-    r = shape[dim] // blocks
-    if r == rank:
-        return t
-    split = (*shape[:dim], blocks, r, *shape[dim + 1 :])
-    out = t.new_zeros((*shape[:dim], blocks, rank, *shape[dim + 1 :]))
-    out.narrow(dim + 1, 0, r).copy_(t.reshape(split))
-    return out.reshape((*shape[:dim], blocks * rank, *shape[dim + 1 :]))
-
-
 def pad_adapter_rank(model: nn.Module, adapter_name: str, rank: int) -> list[str]:
     """Zero-pad adapter ``adapter_name`` in place to rank ``rank`` in every layer; exact.
 
@@ -243,51 +203,39 @@ def pad_adapter_rank(model: nn.Module, adapter_name: str, rank: int) -> list[str
     after padding. A layer already at ``rank`` is left alone; one above it is an error (nothing
     is padded then). Returns the paths of the padded layers.
     """
-    configs = adapter_configs(model)
-    if adapter_name not in configs:
-        known = ", ".join(configs) or "none"
-        raise AdapterError(f"no adapter named {adapter_name!r} to pad (adapters: {known})")
+    adapters = registry(model)
+    adapters.require(adapter_name, "pad")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
         raise ConfigError(f"rank={rank!r}: expected a positive integer")
     layers = [(p, layer) for p, layer in lora_layers(model) if adapter_name in layer.lora_A]
     gather(
         [
-            f"{p}: r={layer.r[adapter_name]} is above {rank}"
+            f"{p}: r={layer.record(adapter_name).rank} is above {rank}"
             for p, layer in layers
-            if layer.r[adapter_name] > rank
+            if layer.record(adapter_name).rank > rank
         ],
         AdapterError,
         f"cannot pad adapter {adapter_name!r} to rank {rank}, nothing was padded",
     )
-    rslora = configs[adapter_name].use_rslora
+    config = adapters.configs[adapter_name]
+    rslora = config.use_rslora
     padded = []
     for p, layer in layers:
-        r = layer.r[adapter_name]
-        if r == rank:
-            continue
-        a, b = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
-        blocks = a.shape[0] // r
-        with torch.no_grad():
-            new_a = _pad_rank(a.detach(), 0, blocks, rank)
-            new_b = _pad_rank(b.detach(), 1, 1, rank)
-        layer.lora_A[adapter_name] = nn.Parameter(new_a, requires_grad=a.requires_grad)
-        layer.lora_B[adapter_name] = nn.Parameter(new_b, requires_grad=b.requires_grad)
-        layer.alpha[adapter_name] *= _alpha_factor(rank, r, rslora)
-        layer.r[adapter_name] = rank
-        padded.append(p)
+        record = layer.record(adapter_name)
+        alpha = record.alpha * _alpha_factor(rank, record.rank, rslora)
+        if layer.pad_rank(adapter_name, rank, alpha):
+            padded.append(p)
     # The adapter's config describes the padded adapter (what save_adapter writes): rank
     # everywhere, the alpha of layers that differ from the default under their exact paths.
-    config = configs[adapter_name]
     alpha = config.alpha * _alpha_factor(rank, config.r, rslora)
     alphas = {
-        re.escape(p): layer.alpha[adapter_name]
+        re.escape(p): layer.record(adapter_name).alpha
         for p, layer in layers
-        if layer.alpha[adapter_name] != alpha
+        if layer.record(adapter_name).alpha != alpha
     }
-    configs[adapter_name] = config.replace(
-        r=rank, alpha=alpha, rank_pattern={}, alpha_pattern=alphas
+    adapters.set(
+        adapter_name, config.replace(r=rank, alpha=alpha, rank_pattern={}, alpha_pattern=alphas)
     )
-    model.lorakit_configs = configs
     return padded
 
 

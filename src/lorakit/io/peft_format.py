@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ..config import LoraConfig
-from ..errors import AdapterFileError
+from ..errors import AdapterError, AdapterFileError
 from ..layers import LoraLayer, SavedModule
 from ..targeting import pattern_match, suffix_match
 
@@ -66,7 +66,10 @@ class Slot:
         """The file's tensor in the model's layout (a fused B back to its compact slices)."""
         if self.layer is None:
             return tensor
-        return _compact_B(self.layer, self.layer.r[adapter_name], tensor, self.key)
+        try:
+            return self.layer.compact_B(tensor, self.layer.record(adapter_name).rank)
+        except AdapterError as exc:
+            raise AdapterFileError(f"{self.key}: {exc}") from None
 
 
 def _key(path: str, rest: str) -> str:
@@ -142,7 +145,7 @@ def _layer_slot(layer, path, rest, tensor, adapter_name, bias, required, optiona
         fused = None
         if letter == "B" and layer.expands_B:
             fused = layer
-            shape = (layer.out_features, layer.r[name] * sum(layer.slices))
+            shape = (layer.out_features, layer.record(name).rank * sum(layer.slices))
         required[key] = Slot(key, path, head, tensor, shape, fused)
         return
     key = _key(path, f"base_layer.{rest}")
@@ -168,27 +171,6 @@ def _saved_slot(path, rest, tensor, adapter_name, required, optional) -> None:
     # PEFT's bias="all" also writes the copy's bias as <path>.modules_to_save.bias
     alias = _key(path, f"modules_to_save.{param}")
     optional[alias] = dataclasses.replace(slot, key=alias)
-
-
-def _compact_B(layer: LoraLayer, r: int, full: torch.Tensor, key: str) -> torch.Tensor:
-    """A fused layer's B from its block form (out, m·r) back to (m·out/k, r), checking the rest
-    of the block form is zero (else the file holds a dense B that the slices cannot express)."""
-    size = layer._slice_size
-    rest = full.clone()
-    blocks = []
-    j = 0
-    for i, enabled in enumerate(layer.slices):
-        if enabled:
-            rows, cols = slice(i * size, (i + 1) * size), slice(j * r, (j + 1) * r)
-            blocks.append(full[rows, cols])
-            rest[rows, cols] = 0
-            j += 1
-    if bool(rest.any()):
-        raise AdapterFileError(
-            f"{key}: B has non-zero entries outside the blocks of its fused slices "
-            f"{list(layer.slices)}; the tensor does not come from a fused-slice adapter"
-        )
-    return torch.cat(blocks, 0)
 
 
 # -- adapter_config.json ----------------------------------------------------------------------
@@ -233,10 +215,11 @@ def peft_config_dict(
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
     for path, layer in layers:
-        r, alpha = layer.r[adapter_name], layer.alpha[adapter_name]
-        if not math.isclose(config.scaling(r, alpha), layer.scaling[adapter_name], rel_tol=1e-12):
+        record = layer.record(adapter_name)
+        r, alpha = record.rank, record.alpha
+        if not math.isclose(config.scaling(r, alpha), record.scale, rel_tol=1e-12):
             raise AdapterFileError(
-                f"{path}: adapter {adapter_name!r} has scale {layer.scaling[adapter_name]}, which "
+                f"{path}: adapter {adapter_name!r} has scale {record.scale}, which "
                 f"r={r}, alpha={alpha} do not give; it cannot be written in PEFT's format"
             )
         r_file = layer.lora_A[adapter_name].shape[0]

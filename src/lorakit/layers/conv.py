@@ -13,12 +13,37 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import LoraLayer
+from .kinds import register
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
+@register
 class LoraConv(LoraLayer):
     kind = "conv"
+    describes = "nn.Conv1d/2d/3d (groups=1)"
+
+    @classmethod
+    def accepts(cls, module):
+        conv = nn.modules.conv
+        if not isinstance(module, conv._ConvNd) or isinstance(module, conv._ConvTransposeNd):
+            return False
+        if module.groups != 1:
+            return f"grouped convolutions (groups={module.groups}) are not supported"
+        return True
+
+    @staticmethod
+    def base_shape(module):
+        w = module.weight
+        kernel = "x".join(str(k) for k in w.shape[2:])
+        return w.shape[1], w.shape[0], f"{w.shape[1]}->{w.shape[0]} k{kernel}"
+
+    @classmethod
+    def count_params(cls, module, in_f, out_f, r, slices) -> int:
+        kernel = 1
+        for k in module.weight.shape[2:]:
+            kernel *= k
+        return r * in_f * kernel + out_f * r
 
     def __init__(self, base: nn.modules.conv._ConvNd) -> None:
         super().__init__(base)
@@ -40,12 +65,11 @@ class LoraConv(LoraLayer):
         xa = self._shell._conv_forward(x, a, None)  # (N, r, *spatial)
         return out + (_CONV[self._dims](xa, b) * s).to(out.dtype)
 
-    def rows_forward(self, x, out, a, b):
+    def rows_forward(self, x, out, a, b, slots):
         # A mixed batch on a convolution: one adapter group at a time (convolutions take one
         # kernel per call); rows of the base slot are left alone.
         result = out.clone()
         ones = (1,) * self._dims
-        slots = self._row_slots
         for slot in torch.unique(slots).tolist():
             if slot == 0:
                 continue
@@ -56,12 +80,12 @@ class LoraConv(LoraLayer):
             result[rows] = out[rows] + delta.to(out.dtype)
         return result
 
-    def stacked(self):
-        a, b = super().stacked()
+    def stacked(self, table):
+        a, b = super().stacked(table)
         return a, b.flatten(2)  # B per adapter as (out, R) for the common padding code
 
     def delta_weight(self, name):
-        a = self.lora_A[name].float()
-        b = self.lora_B[name].float()
+        a = self._A[name].float()
+        b = self._B[name].float()
         delta = b.flatten(1) @ a.flatten(1)  # (out, in·k)
-        return delta.view(self.weight.shape) * self.scaling[name]
+        return delta.view(self.weight.shape) * self.records[name].scale

@@ -13,10 +13,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import LoraLayer
+from .kinds import register
+from .rows import active_plan
 
 
+@register
 class LoraEmbedding(LoraLayer):
     kind = "embedding"
+    describes = "nn.Embedding"
+
+    @classmethod
+    def accepts(cls, module):
+        return isinstance(module, nn.Embedding)
+
+    @staticmethod
+    def base_shape(module):
+        w = module.weight
+        return w.shape[0], w.shape[1], f"{w.shape[0]}x{w.shape[1]}"
 
     def __init__(self, base: nn.Embedding) -> None:
         super().__init__(base)
@@ -56,22 +69,20 @@ class LoraEmbedding(LoraLayer):
     def forward(self, x):
         # dropout on integer ids makes no sense: the embedding path never applies it
         out = self.base_forward(x)
-        if self._row_slots is not None:
-            return self._forward_rows(x, out)
+        plan = active_plan(self.table)
+        if plan is not None:
+            return self.forward_rows(x, out, plan)
         name = self._route
         if name is None:
             return out
-        return self.lora_forward(x, out, self.lora_A[name], self.lora_B[name], self.scaling[name])
+        return self.lora_forward(x, out, self._A[name], self._B[name], self.records[name].scale)
 
-    def _forward_rows(self, x, out):
-        slots = self._checked_row_slots(x)
-        if not self._rows_active:
-            return out
-        a, b = self.stacked()  # (n+1, R, V), (n+1, dim, R)
-        a_rows, b_rows = a[slots], b[slots]  # (N, R, V), (N, dim, R)
+    def rows_forward(self, x, out, a_rows, b_rows, slots):
+        """Mixed batch: a_rows (N, R, V), b_rows (N, dim, R), ids x (N, ...)."""
         n = x.shape[0]
         ids = x.reshape(n, -1)  # (N, T)
-        xa = torch.gather(a_rows, 2, ids.unsqueeze(1).expand(-1, a_rows.shape[1], -1))  # (N, R, T)
+        index = ids.unsqueeze(1).expand(-1, a_rows.shape[1], -1)
+        xa = torch.gather(a_rows, 2, index)  # (N, R, T)
         if self.padding_idx is not None:
             # as F.embedding does on the one-adapter path: no gradient reaches the padding column
             xa = torch.where((ids == self.padding_idx).unsqueeze(1), xa.detach(), xa)
@@ -79,6 +90,6 @@ class LoraEmbedding(LoraLayer):
         return out + delta.reshape(out.shape).to(out.dtype)
 
     def delta_weight(self, name):
-        a = self.lora_A[name].float()
-        b = self.lora_B[name].float()
-        return (b @ a).t() * self.scaling[name]  # (V, dim)
+        a = self._A[name].float()
+        b = self._B[name].float()
+        return (b @ a).t() * self.records[name].scale  # (V, dim)

@@ -19,8 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant import QuantizedWeight, quantized_linear
-from .base import LoraLayer, _no_autograd
+from ..errors import AdapterError
+from ..quant import QuantizedWeight, QuantLinear, quantized_linear
+from .base import LoraLayer
+from .kinds import register
+from .rows import _no_autograd
 
 
 def _add_low_rank(
@@ -58,6 +61,7 @@ class _LinearLike(LoraLayer):
 
     in_features: int
     out_features: int
+    linear_like = True
 
     def __init__(self, base: nn.Module, in_features: int, out_features: int, slices=None) -> None:
         super().__init__(base)
@@ -69,6 +73,17 @@ class _LinearLike(LoraLayer):
             k = len(self.slices)
             self._slice_size = out_features // k
             self._n_sliced = sum(self.slices)
+
+    @classmethod
+    def count_params(cls, module, in_f, out_f, r, slices) -> int:
+        if slices:
+            m = sum(slices)
+            return m * r * in_f + m * (out_f // len(slices)) * r
+        return r * (in_f + out_f)
+
+    @classmethod
+    def around(cls, module, slices=None):
+        return cls(module, slices)
 
     def adapter_shapes(self, r: int):
         if self.slices is None:
@@ -83,7 +98,7 @@ class _LinearLike(LoraLayer):
             super().init_adapter(part, b, init, r)
 
     def effective_B(self, name: str) -> torch.Tensor:
-        b = self.lora_B[name]
+        b = self._B[name]
         if self.slices is None:
             return b
         # (m·out/k, r) -> block diagonal (m·out/k, m·r) -> zero rows for slices left alone
@@ -97,15 +112,49 @@ class _LinearLike(LoraLayer):
                 parts.append(block.new_zeros(self._slice_size, block.shape[1]))
         return torch.cat(parts, 0)  # (out, m·r)
 
+    def compact_B(self, full: torch.Tensor, r: int) -> torch.Tensor:
+        """B from its block form (out, m·r) back to (m·out/k, r), checking the rest of the block
+        form is zero (else it is a dense B that the slices cannot express)."""
+        if self.slices is None:
+            return full
+        size = self._slice_size
+        rest = full.clone()
+        blocks = []
+        j = 0
+        for i, enabled in enumerate(self.slices):
+            if enabled:
+                rows, cols = slice(i * size, (i + 1) * size), slice(j * r, (j + 1) * r)
+                blocks.append(full[rows, cols])
+                rest[rows, cols] = 0
+                j += 1
+        if bool(rest.any()):
+            raise AdapterError(
+                f"{self._where()}: B has non-zero entries outside the blocks of its fused slices "
+                f"{list(self.slices)}; the tensor does not come from a fused-slice adapter"
+            )
+        return torch.cat(blocks, 0)
+
     lora_forward = staticmethod(_add_low_rank)  # one call frame less per adapted layer
 
     def _delta_out_in(self, name: str) -> torch.Tensor:
         """``s · B A`` as (out, in), float32."""
-        a = self.lora_A[name].float()
+        a = self._A[name].float()
         b = self.effective_B(name).float()
-        return (b @ a) * self.scaling[name]
+        return (b @ a) * self.records[name].scale
 
 
+def is_gpt2_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2), recognised without importing transformers."""
+    cls = type(module)
+    return (
+        cls.__name__ == "Conv1D"
+        and cls.__module__.startswith("transformers")
+        and getattr(module, "weight", None) is not None
+        and module.weight.dim() == 2
+    )
+
+
+@register
 class LoraLinear(_LinearLike):
     """LoRA around ``nn.Linear``: ``y = x Wᵀ + bias + s · (x Aᵀ) Bᵀ``.
 
@@ -114,6 +163,15 @@ class LoraLinear(_LinearLike):
     """
 
     kind = "linear"
+    describes = "nn.Linear"
+
+    @classmethod
+    def accepts(cls, module):
+        if isinstance(module, QuantLinear):  # a quantized base (lorakit.quant): as on nn.Linear
+            return True
+        if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
+            return "it is the out_proj of nn.MultiheadAttention, which bypasses its forward"
+        return isinstance(module, nn.Linear)
 
     def __init__(self, base: nn.Linear, slices=None) -> None:
         super().__init__(base, base.in_features, base.out_features, slices)
@@ -128,10 +186,21 @@ class LoraLinear(_LinearLike):
         return self._delta_out_in(name)
 
 
+@register
 class LoraConv1D(_LinearLike):
     """LoRA around transformers' ``Conv1D`` (GPT-2): weight (in, out), ``y = x W + bias``."""
 
     kind = "conv1d_gpt2"
+    describes = "transformers Conv1D"
+
+    @classmethod
+    def accepts(cls, module):
+        return is_gpt2_conv1d(module)
+
+    @staticmethod
+    def base_shape(module):
+        w = module.weight
+        return w.shape[0], w.shape[1], f"{w.shape[0]}->{w.shape[1]}"
 
     def __init__(self, base: nn.Module, slices=None) -> None:
         in_features, out_features = base.weight.shape

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError
+from .rows import SlotTable, active_plan
 
 
 class SavedModule(nn.Module):
@@ -24,11 +25,17 @@ class SavedModule(nn.Module):
         self.active_adapter: str | None = None
         self.disabled = False
         self._route: str | None = None
-        self._row_names: list[str | None] | None = None
+        self.table: SlotTable | None = None  # the model's slot table (layers/rows.py)
 
     @property
     def adapter_names(self) -> list[str]:
         return list(self.modules_to_save.keys())
+
+    def adapter_tensors(self, name: str) -> list[nn.Parameter]:
+        """The tensors adapter ``name`` trains here: every parameter of its copy."""
+        if name not in self.modules_to_save:
+            raise AdapterError(f"{type(self.original_module).__name__}: no adapter {name!r}")
+        return list(self.modules_to_save[name].parameters())
 
     def add_adapter(self, name: str) -> None:
         if name in self.modules_to_save:
@@ -48,6 +55,10 @@ class SavedModule(nn.Module):
         self.active_adapter = name if name in self.modules_to_save else None
         self._update_route()
 
+    def set_disabled(self, disabled: bool) -> None:
+        self.disabled = bool(disabled)
+        self._update_route()
+
     def _update_route(self) -> None:
         self._route = None if self.disabled else self.active_adapter
 
@@ -57,17 +68,16 @@ class SavedModule(nn.Module):
         return self.modules_to_save[name] if name is not None else self.original_module
 
     def forward(self, *args, **kwargs):
-        if self._row_names is not None:
-            return self._forward_rows(*args, **kwargs)
+        plan = active_plan(self.table)
+        if plan is not None:
+            return self._forward_rows(plan.names, *args, **kwargs)
         name = self._route
         module = self.original_module if name is None else self.modules_to_save[name]
         return module(*args, **kwargs)
 
-    def _forward_rows(self, *args, **kwargs):
+    def _forward_rows(self, row_names, *args, **kwargs):
         """Mixed batch: run each distinct module once and keep each row's own output."""
-        names = [
-            n if n in self.modules_to_save and not self.disabled else None for n in self._row_names
-        ]
+        names = [n if n in self.modules_to_save and not self.disabled else None for n in row_names]
         out = self.original_module(*args, **kwargs)
         if not isinstance(out, torch.Tensor):
             raise AdapterError(

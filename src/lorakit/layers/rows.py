@@ -1,0 +1,278 @@
+"""Mixed-adapter batches: row ``i`` of a batch adds adapter ``names[i]``, as one plan per call.
+
+Which adapter each row uses is one :class:`RowPlan`, built once per call of
+``lorakit.adapter_per_row`` and read by every layer; no layer stores anything per call, so building
+a plan costs the same for 30 layers as for 3, and a server can change the rows' adapters at every
+decoding step. A plan numbers the rows by the model's :class:`SlotTable` (slot 0 the base, slot
+``i + 1`` the model's i-th adapter), which is kept while the model's adapters do not change.
+
+The plan in force is per thread (``threading.local``): two threads running forwards on one model
+with different plans each get their own rows' results. It is also per model: each adapted model
+has its own slot table, shared by its layers, and plans are looked up by that table.
+
+Two ways to add the rows' updates (``MixedRows``):
+
+* grouped, for a few distinct adapters (``GROUPED_MAX_ADAPTERS``) on a linear-like layer: each
+  adapter's rows gathered and updated by two plain matmuls from the parameters themselves;
+* stacked, otherwise: the layer's adapters stacked in slot order and zero-padded to a common rank
+  (padding and absent adapters contribute nothing), each row gathering its own by index, one
+  batched matmul per layer (Punica's BGMV, S-LoRA).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import AdapterError, MergeError
+
+
+class SlotTable:
+    """A model's adapters in a fixed order: slot 0 is the base, slot ``i + 1`` adapter ``i``.
+
+    One per adapted model, shared by its layers; renumbered (``version`` moves on) only when the
+    model's adapters are added or deleted, so plans and the layers' stacks stay valid meanwhile.
+    """
+
+    def __init__(self) -> None:
+        self.names: tuple[str, ...] = ()
+        self.slots: dict[str, int] = {}
+        self.version = 0
+
+    def renumber(self, names: Sequence[str]) -> None:
+        if tuple(names) != self.names:
+            self.names = tuple(names)
+            self.slots = {n: i + 1 for i, n in enumerate(self.names)}
+            self.version += 1
+
+
+class RowPlan:
+    """Which adapter each row of a batch uses: slot per row, and the rows of each adapter.
+
+    ``names`` the rows' adapters (None: the base); ``slots`` (rows,) their slots in ``table``;
+    ``groups`` (adapter, row indices) per distinct adapter, in order of first use. Device copies
+    are made once per plan; the per-layer picks kept for generation live here too and go with
+    the plan.
+    """
+
+    def __init__(self, table: SlotTable, names: Sequence[str | None]) -> None:
+        self.table = table
+        self.names = tuple(names)
+        slot_of = table.slots
+        self.slots = torch.tensor([slot_of.get(n, 0) if n else 0 for n in self.names])
+        rows: dict[str, list[int]] = {}
+        for i, n in enumerate(self.names):
+            if n is not None:
+                rows.setdefault(n, []).append(i)
+        self.groups = tuple((n, torch.tensor(ix)) for n, ix in rows.items())
+        self.any_adapter = bool(rows)
+        self._on: dict[torch.device, tuple] = {}
+        self.picks: dict[int, tuple] = {}  # id(layer) -> (stack A, A per row, B per row)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, tuple]:
+        """``(slots, groups)`` on ``device``, copied once per plan."""
+        moved = self._on.get(device)
+        if moved is None:
+            if device.type == "cpu":
+                moved = self.slots, self.groups
+            else:
+                groups = tuple((n, ix.to(device)) for n, ix in self.groups)
+                moved = self.slots.to(device), groups
+            self._on[device] = moved
+        return moved
+
+
+_local = threading.local()  # .plans: {id(SlotTable): RowPlan}, the plans in force in this thread
+
+
+def active_plan(table: SlotTable | None) -> RowPlan | None:
+    """The plan in force for the model of ``table`` in this thread, or None."""
+    plans = getattr(_local, "plans", None)
+    if not plans or table is None:
+        return None
+    return plans.get(id(table))
+
+
+@contextlib.contextmanager
+def rows_in_force(plan: RowPlan) -> Iterator[RowPlan]:
+    """Within the block (and this thread) the plan's model uses the plan."""
+    plans = getattr(_local, "plans", None)
+    if plans is None:
+        plans = _local.plans = {}
+    key = id(plan.table)
+    previous = plans.get(key)
+    plans[key] = plan
+    try:
+        yield plan
+    finally:
+        if previous is None:
+            del plans[key]
+        else:
+            plans[key] = previous
+
+
+def _no_autograd(out: torch.Tensor, a: torch.Tensor) -> bool:
+    """Whether autograd records nothing here, so the base output may be updated in place."""
+    return not (torch.is_grad_enabled() and (out.requires_grad or a.requires_grad))
+
+
+class MixedRows:
+    """The mixed-batch half of ``LoraLayer`` (see the module docstring)."""
+
+    #: a mixed batch with at most this many distinct adapters is computed group by group (rows
+    #: gathered per adapter, two plain matmuls each, one index_add); more adapters use the padded
+    #: stack and two batched matmuls. Few groups: no padding, no per-row copies of A and B.
+    GROUPED_MAX_ADAPTERS = 4
+    #: whether this kind's update is a plain pair of matmuls on the last axis (groupable), and
+    #: may see the batch flattened to (rows × tokens, features), as OPT's MLP does
+    linear_like = False
+
+    def forward_rows(self, x: torch.Tensor, out: torch.Tensor, plan: RowPlan) -> torch.Tensor:
+        """Mixed batch: each row adds the adapter of its slot."""
+        if self.merged_adapters:
+            raise MergeError(f"{self._where()}: a mixed-adapter batch needs unmerged adapters")
+        slots, groups = plan.on(out.device)
+        n = len(plan)
+        if x.shape[0] != n and not self._flattened_rows(x, n):
+            raise AdapterError(
+                f"{self._where()}: adapter_per_row was given {n} names but the batch has "
+                f"{x.shape[0]} rows"
+            )
+        if self.disabled or not plan.any_adapter:
+            return out
+        if x.shape[0] != n:  # (rows × tokens, features): computed as (rows, tokens, features)
+            rows_x, rows_out = x.reshape(n, -1, x.shape[-1]), out.reshape(n, -1, out.shape[-1])
+            return self.add_rows(rows_x, rows_out, plan, slots, groups).reshape(out.shape)
+        return self.add_rows(x, out, plan, slots, groups)
+
+    def _flattened_rows(self, x: torch.Tensor, n: int) -> bool:
+        return self.linear_like and x.dim() == 2 and x.shape[0] % n == 0
+
+    def add_rows(self, x, out, plan: RowPlan, slots, groups) -> torch.Tensor:
+        """``out`` plus each row's update; x and out have one entry per row on their first axis."""
+        if self.linear_like and len(groups) <= self.GROUPED_MAX_ADAPTERS:
+            return self._grouped_rows(x, out, groups)
+        records = self.records
+        if not any(n in records for n, _ in groups):  # none of the rows' adapters is here
+            return out
+        table = plan.table
+        if self.training and x.is_floating_point() and any(r.dropout for r in records.values()):
+            # per-row dropout probabilities: drop with each row's own p
+            p = [0.0] + [records[n].dropout if n in records else 0.0 for n in table.names]
+            probs = torch.tensor(p, device=x.device)[slots]
+            keep = 1.0 - probs.view(-1, *([1] * (x.dim() - 1)))
+            mask = torch.rand_like(x, dtype=torch.float32) < keep
+            x = x * mask.to(x.dtype) / keep.to(x.dtype)
+        a, b = self.stacked(table)
+        if a.requires_grad or torch.compiler.is_compiling():  # gathered afresh, differentiable
+            return self.rows_forward(x, out, a[slots], b[slots], slots)
+        # Inference: each row's A and B are gathered afresh on a plan's first call and freed after
+        # it (a single forward keeps no activation-sized copies alive across layers); from the
+        # second call on (generation steps) they are kept, in the plan, until the plan ends.
+        kept = plan.picks.get(id(self))
+        seen = kept is not None and kept[0] is a
+        if seen and kept[1] is not None:
+            return self.rows_forward(x, out, kept[1], kept[2], slots)
+        picks = a[slots], b[slots]
+        plan.picks[id(self)] = (a, *picks) if seen else (a, None, None)
+        return self.rows_forward(x, out, *picks, slots)
+
+    def _grouped_rows(self, x: torch.Tensor, out: torch.Tensor, groups) -> torch.Tensor:
+        """Few adapters: each adapter's rows gathered, updated by plain matmuls."""
+        rows, deltas = [], []
+        params_a, records = self._A, self.records
+        for name, index in groups:
+            if name not in records:  # an adapter this layer does not have adds nothing
+                continue
+            record = records[name]
+            xs = x.index_select(0, index)
+            if record.dropout > 0.0 and self.training:
+                xs = F.dropout(xs, record.dropout, True)
+            a = params_a[name]
+            b = self.effective_B(name)
+            deltas.append(F.linear(F.linear(xs.to(a.dtype), a), b) * record.scale)
+            rows.append(index)
+        if not rows:
+            return out
+        index = rows[0] if len(rows) == 1 else torch.cat(rows)
+        delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas)
+        if delta.dtype == out.dtype:
+            return out.index_add(0, index, delta)
+        # mixed precision: each row's sum formed in the adapter's dtype and rounded once, as the
+        # one-adapter path does (every row sits in one group, so the index has no repeats)
+        summed = out.index_select(0, index).to(delta.dtype) + delta
+        return out.index_copy(0, index, summed.to(out.dtype))
+
+    def stacked(self, table: SlotTable) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's adapters stacked in the table's slot order, zero-padded to a common rank.
+
+        Returns ``A`` (n + 1, R, *a_rest) and ``B`` (n + 1, out, R) with each adapter's scale
+        folded into its B; slot 0 and the slots of adapters this layer does not have are zero.
+        Built from the parameters (differentiable), so the same stack serves inference and
+        training several adapters at once.
+        """
+        params = [*self._A.values(), *self._B.values()]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return self._build_stack(table.names)  # training: differentiable, built every call
+        if torch.compiler.is_compiling():
+            return self._build_stack(table.names)
+        # Inference: reuse the stack while no adapter tensor changed (same object, storage and
+        # in-place version), the scales are the same and the table has the same order.
+        key = (
+            table.names,
+            tuple((id(p), p.data_ptr(), p._version) for p in params),
+            tuple(r.scale for r in self.records.values()),
+        )
+        cached = self._stack_cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        with torch.no_grad():
+            stack = self._build_stack(table.names)
+        self._stack_cache = (key, stack)
+        return stack
+
+    def _build_stack(self, names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        here = [n for n in names if n in self.records]
+        rank = max(self._A[n].shape[0] for n in here)
+        a0, b0 = self._A[here[0]], self.effective_B(here[0])
+        zero_a = a0.new_zeros((rank, *a0.shape[1:]))
+        zero_b = b0.new_zeros((b0.shape[0], rank, *b0.shape[2:]))
+        a_list, b_list = [zero_a], [zero_b]
+        for n in names:
+            if n not in self.records:
+                a_list.append(zero_a)
+                b_list.append(zero_b)
+                continue
+            a, b = self._A[n], self.effective_B(n) * self.records[n].scale
+            pad = rank - a.shape[0]
+            if pad:
+                a = torch.cat([a, a.new_zeros((pad, *a.shape[1:]))], 0)
+                b = torch.cat([b, b.new_zeros((b.shape[0], pad, *b.shape[2:]))], 1)
+            a_list.append(a)
+            b_list.append(b)
+        return torch.stack(a_list), torch.stack(b_list)
+
+    def rows_forward(
+        self, x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots
+    ) -> torch.Tensor:
+        """``out[i] + B_i A_i x[i]`` per row for linear-like layers; a (N, R, in), b (N, out, R)."""
+        n = x.shape[0]
+        xs = x.reshape(n, -1, x.shape[-1]).to(a.dtype)  # (N, tokens, in)
+        xa = torch.bmm(xs, a.transpose(1, 2))  # (N, tokens, R)
+        flat = out.reshape(n, -1, out.shape[-1])
+        if flat.dtype == xa.dtype:  # the add fused into the batched GEMM: out is read once
+            if _no_autograd(out, a):  # into the base output itself: no new (N, tokens, out)
+                return flat.baddbmm_(xa, b.transpose(1, 2)).view(out.shape)
+            return torch.baddbmm(flat, xa, b.transpose(1, 2)).view(out.shape)
+        delta = torch.bmm(xa, b.transpose(1, 2))  # (N, tokens, out)
+        # mixed precision: the sum formed in the adapter's dtype and rounded once into out's
+        if _no_autograd(out, a):
+            return flat.add_(delta).view(out.shape)
+        return (flat + delta).to(out.dtype).view(out.shape)

@@ -1,0 +1,96 @@
+"""Row plans: one plan per adapter_per_row call, read by every layer, per thread and per model."""
+
+import copy
+import threading
+
+import torch
+
+import lorakit
+from lorakit import LoraConfig
+from tiny_models import BATCH, SEQ, randomise, tiny_llama, tokens
+
+VOCAB = 128
+
+
+def two_adapter_llama(layers: int = 2):
+    model = tiny_llama(num_hidden_layers=layers)
+    config = LoraConfig(r=4, target_modules="all-linear")
+    model = lorakit.apply_lora(model, config, "a")
+    model = lorakit.apply_lora(model, LoraConfig(r=2, target_modules=["q_proj"]), "b")
+    return randomise(model).eval()
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model(x).logits
+
+
+def test_entering_a_plan_writes_nothing_into_the_layers():
+    model = two_adapter_llama()
+    layers = [m for _, m in lorakit.lora_layers(model)]
+    before = [dict(vars(m)) for m in layers]
+    with lorakit.adapter_per_row(model, ["a", "b"]):
+        for layer, state in zip(layers, before):
+            assert vars(layer).keys() == state.keys()
+            assert all(vars(layer)[k] is v for k, v in state.items())
+
+
+def test_two_threads_with_different_plans_on_one_model_get_their_own_rows():
+    model = two_adapter_llama()
+    x = tokens(VOCAB)
+    plans = {"first": ["a", "b"], "second": ["b", None]}
+    expected = {}
+    for key, names in plans.items():
+        with lorakit.adapter_per_row(model, names):
+            expected[key] = logits(model, x)
+    assert not torch.equal(expected["first"], expected["second"])
+
+    results = {key: [] for key in plans}
+    start = threading.Barrier(len(plans))
+    errors = []
+
+    def run(key):
+        try:
+            with lorakit.adapter_per_row(model, plans[key]):
+                start.wait()
+                for _ in range(20):  # the two threads' forwards interleave
+                    results[key].append(logits(model, x))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(key,)) for key in plans]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for key, outs in results.items():
+        assert len(outs) == 20
+        for out in outs:  # the same model, inputs and kernels as the reference
+            assert torch.equal(out, expected[key]), key
+
+
+def test_a_plan_is_for_its_own_model_only():
+    model = two_adapter_llama()
+    other = copy.deepcopy(model)
+    lorakit.set_adapter(other, "a")
+    x = tokens(VOCAB)
+    alone = logits(other, x)
+    with lorakit.adapter_per_row(model, ["b", None]):
+        assert torch.equal(logits(other, x), alone)  # the copy keeps its own active adapter
+        mixed = logits(model, x)
+    lorakit.set_adapter(model, "b")
+    torch.testing.assert_close(mixed[:1], logits(model, x[:1]))
+
+
+def test_nested_plans_on_one_model_restore_the_outer_one():
+    model = two_adapter_llama()
+    x = tokens(VOCAB)
+    with lorakit.adapter_per_row(model, ["a", "b"]):
+        outer = logits(model, x)
+        with lorakit.adapter_per_row(model, [None, None]):
+            with lorakit.disable_adapters(model):
+                base = logits(model, x)
+            assert torch.equal(logits(model, x), base)
+        assert torch.equal(logits(model, x), outer)
+    assert x.shape == (BATCH, SEQ)
