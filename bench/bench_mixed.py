@@ -11,6 +11,7 @@ after another on the same rows, and greedy generation with the KV cache in a mix
 from __future__ import annotations
 
 import copy
+import statistics
 
 import torch
 
@@ -159,6 +160,79 @@ def mixed_generate(base, n=16, prompt_tokens=16, new_tokens=24):
     ]
 
 
+def plan_per_step(base, n=16, prompt_tokens=16, steps=16, rounds=5):
+    """What changing the rows' adapters at every decoding step costs, as a server does.
+
+    One greedy decoding step of n rows with the KV cache, each row its own adapter (q/k/v/o, r=16).
+    Three figures: building a row plan (entering and leaving ``adapter_per_row``) against a step;
+    and a step under a new plan each step (the rows' adapters rotated: a fresh plan, so each
+    layer gathers its rows' adapters afresh) against steps under one plan (picks kept).
+    """
+    import time
+
+    import lorakit
+
+    ours = lorakit_many(base, n)
+    names = [f"a{i}" for i in range(n)]
+    prompt = torch.randint(0, C.SMOLLM2["vocab_size"], (n, prompt_tokens))
+
+    def decode(fresh: bool) -> float:
+        with lorakit.adapter_per_row(ours, names):
+            out = ours(input_ids=prompt, use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        if fresh:
+            for s in range(steps):
+                with lorakit.adapter_per_row(ours, names[s % n :] + names[: s % n]):
+                    out = ours(input_ids=token, past_key_values=cache, use_cache=True)
+                token = out.logits[:, -1:].argmax(-1)
+        else:
+            with lorakit.adapter_per_row(ours, names):
+                for _ in range(steps):
+                    out = ours(input_ids=token, past_key_values=cache, use_cache=True)
+                    token = out.logits[:, -1:].argmax(-1)
+        return (time.perf_counter() - start) / steps
+
+    def build(count: int = 2000) -> float:
+        start = time.perf_counter()
+        for s in range(count):
+            with lorakit.adapter_per_row(ours, names[s % n :] + names[: s % n]):
+                pass
+        return (time.perf_counter() - start) / count
+
+    with torch.inference_mode():
+        decode(True), decode(False)  # warm-up
+        kept, fresh, plans = [], [], []
+        for _ in range(rounds):
+            kept.append(decode(False))
+            fresh.append(decode(True))
+            plans.append(build())
+    step = statistics.median(kept)
+    plan = statistics.median(plans)
+    fresh_ratio = statistics.median(f / k for f, k in zip(fresh, kept))
+    label = f"{n} rows, {n} adapters, one decoding step with the KV cache"
+    return [
+        C.row(
+            f"{label}: building a row plan / the step ({plan * 1e6:.0f} us / {step * 1e3:.1f} ms)",
+            plan / step,
+            None,
+            "",
+            plan / step,
+            "<= 0.02",
+            "x",
+        ),
+        C.row(
+            f"{label}: step under a new plan each step / steps under one plan",
+            fresh_ratio,
+            None,
+            "",
+            fresh_ratio,
+            "",
+            "x",
+        ),
+    ]
+
+
 def train_several(base, n=4, rows=8, tokens=64, labelled=9, steps=3):
     """n adapters trained at once on rows tagged with their adapter vs one after another.
 
@@ -217,5 +291,6 @@ def run(threads: int) -> list[dict]:
     rows = mixed_forward(base, 16, 16, 64)
     rows += mixed_forward(base, 64, 64, 16)
     rows += mixed_generate(base)
+    rows += plan_per_step(base)
     rows += train_several(base)
     return rows

@@ -176,9 +176,7 @@ def apply_lora(
         if isinstance(module, L.LoraLayer):
             layer = module
         else:
-            layer = L.wrap(module, row.kind, row.slices)
-            layer._path = row.path
-            layer.table = adapters.table
+            layer = L.wrap(module, row.kind, row.slices, path=row.path, table=adapters.table)
             for path in aliases.get(id(module), [row.path]):
                 if path:
                     _replace(root, path, layer)
@@ -193,8 +191,7 @@ def apply_lora(
     for path, _ in the_plan.saved:
         module = root.get_submodule(path)
         if not isinstance(module, L.SavedModule):
-            module = L.SavedModule(module)
-            module.table = adapters.table
+            module = L.SavedModule(module, adapters.table)
             _replace(root, path, module)
         module.add_adapter(adapter_name)
 

@@ -52,6 +52,10 @@ def adapter_params(kind: str, in_f: int, out_f: int, r: int, module: nn.Module, 
     return KINDS[kind].count_params(module, in_f, out_f, r, slices)
 
 
-def wrap(module: nn.Module, kind: str, slices=None) -> LoraLayer:
-    """A new LoRA layer of the given kind around ``module`` (which gives up its tensors to it)."""
-    return KINDS[kind].around(module, slices)
+def wrap(module: nn.Module, kind: str, slices=None, *, path: str = "", table=None) -> LoraLayer:
+    """A new LoRA layer of the given kind around ``module`` (which gives up its tensors to it),
+    at ``path`` in its model, sharing the model's slot ``table`` (``layers/rows.py``)."""
+    layer = KINDS[kind].around(module, slices)
+    layer._path = path
+    layer.table = table
+    return layer

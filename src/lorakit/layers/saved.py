@@ -18,14 +18,14 @@ from .rows import SlotTable, active_plan
 
 
 class SavedModule(nn.Module):
-    def __init__(self, original: nn.Module) -> None:
+    def __init__(self, original: nn.Module, table: SlotTable | None = None) -> None:
         super().__init__()
         self.original_module = original
         self.modules_to_save = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.disabled = False
         self._route: str | None = None
-        self.table: SlotTable | None = None  # the model's slot table (layers/rows.py)
+        self.table = table  # the model's slot table (layers/rows.py)
 
     @property
     def adapter_names(self) -> list[str]:
