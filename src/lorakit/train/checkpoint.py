@@ -16,10 +16,14 @@ CPU, as a run that was never interrupted.
 
 from __future__ import annotations
 
+import errno
+import io
 import os
+import pickle
 import random
+import secrets
 import shutil
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +37,17 @@ TMP_PREFIX = ".tmp-" + PREFIX
 
 
 class CheckpointError(LorakitError, RuntimeError):
-    """A checkpoint is missing, incomplete, or does not fit the model being trained."""
+    """A checkpoint is missing, incomplete, damaged, or does not fit the model being trained."""
+
+
+@dataclass
+class Saved:
+    """One checkpoint as read by :func:`load`."""
+
+    path: Path
+    tensors: dict[str, torch.Tensor]  # trainable parameters by name
+    state: dict[str, Any]  # the contents of state.pt
+    best: dict[str, torch.Tensor] | None = None  # best.safetensors, when there is one
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -55,7 +69,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync(path: Path) -> None:
+def _write_file(path: Path, data: bytes | memoryview) -> None:
+    """Write a new file with the umask's mode and flush it to the disk (``fsync``).
+
+    The serializers (safetensors, ``torch.save``) turn a full disk into their own errors
+    (``SafetensorError``, ``RuntimeError ... unexpected pos``); writing their bytes here keeps the
+    ``OSError`` that says what happened."""
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -73,16 +99,26 @@ def save(
     data_position: dict[str, int],
     notes: dict[str, Any],
     keep: int = 2,
+    extra: dict[str, Any] | None = None,
+    best: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``checkpoint-{step:06d}`` atomically; keep the newest ``keep`` (0: all)."""
-    from safetensors.torch import save_file
+    """Write ``checkpoint-{step:06d}`` atomically; keep the newest ``keep`` (0: all).
+
+    ``extra``: more entries of ``state.pt`` (plain values); ``best``: tensors written as
+    ``best.safetensors`` (the best parameters so far, when they are not the current ones).
+    Directories and files get the modes the umask gives, as any file the user writes."""
+    from safetensors.torch import save as to_bytes
 
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / f"{PREFIX}{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{step:06d}-", dir=out_dir))
+    tmp = out_dir / f"{TMP_PREFIX}{step:06d}-{secrets.token_hex(4)}"
+    tmp.mkdir()  # not tempfile.mkdtemp: its 0700 would hide the run from the user's group
     try:
         tensors = {n: t.contiguous() for n, t in trainable_state(model).items()}
-        save_file(tensors, str(tmp / "trainable.safetensors"))
+        _write_file(tmp / "trainable.safetensors", to_bytes(tensors))
+        if best is not None:
+            best = {n: t.contiguous() for n, t in best.items()}
+            _write_file(tmp / "best.safetensors", to_bytes(best))
         state = {
             "step": step,
             "optimizer": optimizer.state_dict(),
@@ -90,14 +126,25 @@ def save(
             "rng": rng_state(),
             "data": dict(data_position),
             "notes": notes,
+            **(extra or {}),
         }
-        torch.save(state, tmp / "state.pt")
-        for name in ("trainable.safetensors", "state.pt"):
-            _fsync(tmp / name)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        _write_file(tmp / "state.pt", buffer.getbuffer())
         if final.exists():  # a checkpoint of an earlier attempt at this step: replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync(out_dir)
+        _fsync_dir(out_dir)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise CheckpointError(
+                f"no space left on device while writing checkpoint {final.name} in {out_dir}: "
+                "nothing of it was kept; free some space, then continue with "
+                "training.resume=true"
+            ) from None
+        raise CheckpointError(
+            f"cannot write checkpoint {final.name} in {out_dir}: {e.strerror or e}"
+        ) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -123,29 +170,133 @@ def remove_partial(out_dir: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(trainable tensors, state) of one checkpoint directory."""
+def load(path: Path) -> Saved:
+    """The files of one checkpoint directory, read and checked; a :class:`CheckpointError` naming
+    the checkpoint, the file and what is wrong with it otherwise. ``state.pt`` is read with
+    ``weights_only=True``: a pickle holding anything but tensors and plain values is refused."""
     from safetensors.torch import load_file
 
     files = [path / "trainable.safetensors", path / "state.pt"]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise CheckpointError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
-    return load_file(str(files[0])), torch.load(files[1], weights_only=True)
 
+    def tensors(file: Path) -> dict[str, torch.Tensor]:
+        try:
+            found = load_file(str(file))
+        except Exception as e:  # SafetensorError, OSError: truncated, garbage, unreadable
+            raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+        bad = [n for n, t in found.items() if t.is_floating_point() and not t.isfinite().all()]
+        if bad:
+            raise CheckpointError(f"{file}: NaN or infinite values in {', '.join(bad[:3])}")
+        return found
 
-def restore_parameters(model: nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:
-    """Copy saved trainable parameters into ``model``; the names must match exactly."""
-    params = dict(model.named_parameters())
-    current = {n for n, p in params.items() if p.requires_grad}
-    missing, unexpected = sorted(current - set(tensors)), sorted(set(tensors) - current)
-    if missing or unexpected:
+    trainable = tensors(files[0])
+    best = tensors(path / "best.safetensors") if (path / "best.safetensors").is_file() else None
+    try:
+        state = torch.load(files[1], weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
-            f"{where} does not fit the model being trained: "
-            f"{len(missing)} trainable parameter(s) missing (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}); resume with the same "
-            "model, method and lora settings"
+            f"{files[1]}: refused: not only tensors and plain values, or not a torch file ({first})"
+        ) from None
+    except Exception as e:  # RuntimeError, EOFError, ...: truncated or garbage
+        raise CheckpointError(f"{files[1]}: not a readable torch file ({e})") from None
+    problems = _state_problems(state)
+    if problems:
+        raise CheckpointError(f"{files[1]}: incomplete or damaged: {'; '.join(problems)}")
+    return Saved(path, trainable, state, best)
+
+
+# What ``state.pt`` must hold: key -> (type, description).
+STATE_KEYS = {
+    "step": (int, "a step number"),
+    "optimizer": (dict, "the optimizer's state"),
+    "scheduler": (dict, "the schedule's state"),
+    "rng": (dict, "the random generators' states"),
+    "data": (dict, "the data position"),
+    "notes": (dict, "the run's notes"),
+}
+
+
+def _state_problems(state: Any) -> list[str]:
+    if not isinstance(state, dict):
+        return [f"expected a dict of states, got {type(state).__name__}"]
+    problems = [
+        f"{key!r} is missing or not {what}"
+        for key, (kind, what) in STATE_KEYS.items()
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool)
+    ]
+    if problems:
+        return problems
+    opt = state["optimizer"]
+    if not isinstance(opt.get("state"), dict) or not isinstance(opt.get("param_groups"), list):
+        problems.append("the optimizer's state has no 'state' and 'param_groups'")
+    if not all(isinstance(state["data"].get(k), int) for k in ("epoch", "offset", "rows")):
+        problems.append("the data position needs 'epoch', 'offset' and 'rows'")
+    if not isinstance(state["notes"].get("config"), dict):
+        problems.append("the notes have no config")
+    rng = state["rng"]
+    try:
+        random.Random().setstate(rng["python"])
+        torch.Generator().set_state(rng["torch"])
+    except Exception:  # noqa: BLE001 - any malformed state
+        problems.append("the random generators' states are malformed")
+    if not {"last_epoch", "base_lrs"} <= set(state["scheduler"]):
+        problems.append("the schedule's state has no 'last_epoch' and 'base_lrs'")
+    return problems
+
+
+def check_fits(saved: Saved, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Raise a :class:`CheckpointError` unless the saved parameters and optimizer state fit
+    ``model`` and ``optimizer`` exactly (names, shapes, groups); nothing is changed."""
+    where = saved.path
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    for file, tensors in (("trainable", saved.tensors), ("best", saved.best)):
+        if tensors is None:
+            continue
+        missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{where}/{file}.safetensors does not fit the model being trained: "
+                f"{len(missing)} trainable parameter(s) missing (e.g. {missing[:3]}), "
+                f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}); resume with the same "
+                "model, method and lora settings"
+            )
+        for name, t in tensors.items():
+            if t.shape != params[name].shape:
+                raise CheckpointError(
+                    f"{where}/{file}.safetensors: {name} has shape {tuple(t.shape)}, the model's "
+                    f"parameter has {tuple(params[name].shape)}"
+                )
+    saved_opt, groups = saved.state["optimizer"], optimizer.param_groups
+    sizes = [
+        len(g.get("params", ())) if isinstance(g, dict) else -1 for g in saved_opt["param_groups"]
+    ]
+    if sizes != [len(g["params"]) for g in groups]:
+        raise CheckpointError(
+            f"{where}/state.pt: the optimizer's parameter groups {sizes} do not fit the model's "
+            f"{[len(g['params']) for g in groups]}"
         )
+    ordered = [p for g in groups for p in g["params"]]
+    for index, values in saved_opt["state"].items():
+        if not isinstance(index, int) or not 0 <= index < len(ordered):
+            raise CheckpointError(f"{where}/state.pt: optimizer state for unknown index {index!r}")
+        for key, value in values.items() if isinstance(values, dict) else ():
+            if (
+                isinstance(value, torch.Tensor)
+                and value.ndim
+                and value.shape != ordered[index].shape
+            ):
+                raise CheckpointError(
+                    f"{where}/state.pt: optimizer {key} of parameter {index} has shape "
+                    f"{tuple(value.shape)}, the parameter has {tuple(ordered[index].shape)}"
+                )
+
+
+def restore_parameters(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy saved trainable parameters (checked by :func:`check_fits`) into ``model``."""
+    params = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in tensors.items():
             params[name].copy_(tensor)
