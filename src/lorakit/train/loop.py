@@ -24,6 +24,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..model import apply_lora, count_parameters
 from . import checkpoint, schedule
+from .best import BestKeeper
 from .config import TrainConfig
 from .data import IGNORE, Batches, Formatter, collate, encode_all, pack, read_jsonl
 from .evaluate import EvalResult, evaluate, heldout_loss
@@ -50,6 +51,10 @@ class TrainResult:
     peak_memory_mb: float = 0.0
     saved: Path | None = None  # the adapter directory (or the model, for method "full")
     warnings: list[str] = field(default_factory=list)  # what went wrong without losing the run
+    last_step: int = 0  # the last step trained (before ``steps`` when stopped early)
+    kept_step: int = 0  # the step whose parameters were saved (the best, with output.keep_best)
+    kept_loss: float | None = None  # its held-out loss
+    stopped_early: bool = False  # by training.early_stopping
 
 
 def train(
@@ -120,7 +125,11 @@ def train(
     scheduler = schedule.build(optimizer, steps, tc.warmup_steps, tc.schedule, tc.min_lr_ratio)
     batches = Batches(train_rows, tc.batch_size, tc.seed)
     start, before = 0, None
-    restored = resume(out, cfg, model, optimizer, scheduler, batches, say) if tc.resume else None
+    # the best held-out loss so far (evaluations during training), its parameters, early stopping
+    keeper = BestKeeper(tc.early_stopping, cfg.output.keep_best) if ec.every and eval_rows else None
+    restored = None
+    if tc.resume:
+        restored = resume(out, cfg, model, optimizer, scheduler, batches, say, keeper)
     if restored is not None:
         saved, before = restored
         start = saved.state["step"]
@@ -149,9 +158,12 @@ def train(
 
     # 5. The steps.
     result = TrainResult(out, steps, start, before=before, trainable=trainable, total=total)
+    last = start
+    # resumed from the checkpoint an early stop wrote: nothing left to train
+    result.stopped_early = keeper is not None and keeper.exhausted
     model.train()
     t_train = time.perf_counter()
-    for step in range(start + 1, steps + 1):
+    for step in range(start + 1, (start if result.stopped_early else steps) + 1):
         t0 = time.perf_counter()
         micro = [_to(collate(batches.next(), pad), device) for _ in range(tc.grad_accum)]
         n_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
@@ -182,9 +194,13 @@ def train(
             "seconds": seconds,
         }
         log("train", step, values)
-        if ec.every and step % ec.every == 0 and step < steps:
-            log("eval", step, {"loss": heldout_loss(model, eval_rows, ec.batch_size, pad)})
-        if tc.checkpoint_every and (step % tc.checkpoint_every == 0 or step == steps):
+        last = step
+        if keeper is not None and step % ec.every == 0 and step < steps:
+            heldout = heldout_loss(model, eval_rows, ec.batch_size, pad)
+            log("eval", step, {"loss": heldout})
+            keeper.update(step, heldout, model)
+        stop = keeper is not None and keeper.exhausted
+        if tc.checkpoint_every and (step % tc.checkpoint_every == 0 or step == steps or stop):
             notes = {"config": cfg.to_dict(), "before": _eval_dict(before)}
             checkpoint.save(
                 out,
@@ -195,14 +211,39 @@ def train(
                 data_position=batches.state_dict(),
                 notes=notes,
                 keep=cfg.output.keep_checkpoints,
+                extra={"best": keeper.state_dict() if keeper else None},
+                best=keeper.checkpoint_tensors(step) if keeper else None,
             )
+        if stop:
+            result.stopped_early = True
+            say(
+                f"early stopping at step {step}: no lower held-out loss in {keeper.stale} "
+                f"evaluations (training.early_stopping={tc.early_stopping}); the best was "
+                f"{keeper.loss:.4f} at step {keeper.step}"
+            )
+            break
     result.train_seconds = time.perf_counter() - t_train
+    result.last_step = result.kept_step = last
 
-    # 6. After: evaluate, save, draw, report.
+    # 6. After: keep the best step's parameters, evaluate, save, draw, report.
+    if keeper is not None:
+        if keeper.evaluated != last:  # the last step is compared too
+            heldout = heldout_loss(model, eval_rows, ec.batch_size, pad)
+            if not keeper.update(last, heldout, model) and cfg.output.keep_best:
+                log("eval", last, {"loss": heldout})  # else the final evaluation logs it
+        if cfg.output.keep_best and keeper.step is not None and keeper.step != last:
+            keeper.restore(model)
+            result.kept_step, result.kept_loss = keeper.step, keeper.loss
+            say(
+                f"keeping the parameters of step {keeper.step} (held-out loss "
+                f"{keeper.loss:.4f}, the lowest); the last step's was higher"
+            )
     if eval_rows:
         console.message(f"evaluating the trained model on {len(eval_rows)} rows ...")
         result.after = evaluate(model, tokenizer, eval_rows, **eval_args)
-        log("eval", steps, _eval_values(result.after))
+        log("eval", result.kept_step, _eval_values(result.after))
+        if result.kept_loss is None:
+            result.kept_loss = result.after.loss
     for logger in loggers:
         logger.close()
     result.saved = save_trained(model, tokenizer, out, tc.method)
@@ -249,6 +290,11 @@ def _write_results(
         "final_loss": next(
             (r["loss"] for r in reversed(records) if r["kind"] == "train"), float("nan")
         ),
+        "last_step": result.last_step,
+        "kept_step": result.kept_step,
+        "kept_loss": result.kept_loss,
+        "kept": "lowest held-out loss" if result.kept_step != result.last_step else "last step",
+        "stopped_early": result.stopped_early,
         "plot": None,
         "warnings": result.warnings,
     }

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from . import checkpoint
+from .best import BestKeeper
 from .checkpoint import CheckpointError, Saved
 from .config import TrainConfig
 from .data import Batches
@@ -40,10 +41,12 @@ def resume(
     scheduler: Any,
     batches: Batches,
     say: Callable[[str], None],
+    keeper: BestKeeper | None = None,
 ) -> tuple[Saved, EvalResult | None] | None:
     """Restore the newest intact checkpoint of ``out`` into the model, the optimizer, the schedule,
     the data order and the random generators; (the checkpoint, the evaluation before training),
-    or None when there is no checkpoint. Checkpoints are all checked before anything changes."""
+    or None when there is no checkpoint. Checkpoints are all checked before anything changes;
+    ``keeper`` takes the best step the checkpoint recorded."""
     found = checkpoint.checkpoints(out)
     damaged: list[str] = []
     for path in reversed(found):
@@ -52,6 +55,8 @@ def resume(
             check_same_run(saved.state["notes"]["config"], cfg, path)
             checkpoint.check_fits(saved, model, optimizer)
             before = _before(saved)
+            if keeper is not None:
+                keeper.load_state_dict(saved.state.get("best"), saved)
         except CheckpointError as e:
             damaged.append(str(e))
             continue
