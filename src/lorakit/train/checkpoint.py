@@ -23,6 +23,7 @@ import pickle
 import random
 import secrets
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -193,12 +194,15 @@ def load(path: Path) -> Saved:
 
     trainable = tensors(files[0])
     best = tensors(path / "best.safetensors") if (path / "best.safetensors").is_file() else None
+    if not zipfile.is_zipfile(files[1]):  # what torch.save writes; checked before unpickling
+        raise CheckpointError(f"{files[1]}: not a torch checkpoint file (truncated or garbage)")
     try:
         state = torch.load(files[1], weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        lines = [line for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line]
         raise CheckpointError(
-            f"{files[1]}: refused: not only tensors and plain values, or not a torch file ({first})"
+            f"{files[1]}: refused: it holds objects other than tensors and plain values, which "
+            f"are never unpickled ({(lines or [type(e).__name__])[0].strip()})"
         ) from None
     except Exception as e:  # RuntimeError, EOFError, ...: truncated or garbage
         raise CheckpointError(f"{files[1]}: not a readable torch file ({e})") from None
