@@ -5,11 +5,16 @@ A checkpoint is a directory ``checkpoint-000050/`` in the output directory holdi
 * ``trainable.safetensors``: every trainable parameter by name (the adapter, for LoRA);
 * ``state.pt``: the optimizer's and the scheduler's state, the random number generators' states
   (Python's and torch's), the data position, the step, and the run's notes (the resolved config,
-  the evaluation before training).
+  the evaluation before training, the best held-out loss so far);
+* ``best.safetensors``: the parameters of that best step, when it is not this checkpoint's own
+  (see :mod:`lorakit.train.best`).
 
 It is written atomically: into a hidden temporary directory that is renamed into place only when
 every file is on disk (``fsync``), so a run killed at any moment (even ``kill -9``) leaves either a
 whole checkpoint or none; a leftover temporary directory is ignored and removed by the next run.
+Directories and files get the modes the umask gives; a full disk is an error that says so and
+names the directory, and leaves no temporary directory behind. Reading a checkpoint checks every
+file (:func:`load`, :func:`check_fits`) before anything is restored.
 Resuming restores every state above, so the resumed run computes the same losses, bit for bit on
 CPU, as a run that was never interrupted.
 """

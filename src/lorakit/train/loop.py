@@ -1,8 +1,9 @@
 """The training loop: one function, :func:`train`, to read from top to bottom.
 
-    data → model → method (lora / qlora / full) → tokens → optimizer and schedule → (resume) →
-    evaluate before → steps (accumulate, clip, step, log, evaluate, checkpoint) → evaluate after →
-    adapter, plot, report
+    packages, data, output directory → model → method (lora / qlora / full) → tokens → optimizer
+    and schedule → (resume) → evaluate before → steps (accumulate, clip, step, log, evaluate, keep
+    the best, checkpoint, stop early) → the best step's parameters → evaluate after → adapter,
+    summary, plot, report
 
 No framework and no callbacks: what happens at each step is written out below. Reporting goes
 through :class:`~lorakit.train.metrics.MetricLogger` (``log(kind, step, values)``).
