@@ -56,6 +56,12 @@ def without_optimizer(path):
     torch.save(state, path)
 
 
+def without_a_moment(path):
+    state = torch.load(path, weights_only=True)
+    del state["optimizer"]["state"][0]["exp_avg"]
+    torch.save(state, path)
+
+
 def with_an_object(path):
     state = torch.load(path, weights_only=False)
     state["notes"]["extra"] = Evil()
@@ -88,6 +94,7 @@ DAMAGE = {
     "truncated state": ("state.pt", truncate, "not a torch checkpoint file"),
     "garbage state": ("state.pt", garbage, "not a torch checkpoint file"),
     "incomplete state": ("state.pt", without_optimizer, "'optimizer' is missing"),
+    "incomplete optimizer": ("state.pt", without_a_moment, "per-parameter states are incomplete"),
     "pickled object": ("state.pt", with_an_object, "refused: it holds objects other than"),
     "missing state": ("state.pt", removed, "incomplete checkpoint, missing state.pt"),
 }

@@ -78,6 +78,6 @@ def run(args: argparse.Namespace) -> int:
         )
     for warning in result.warnings:
         print(f"warning: {warning}")
-    files = [result.out_dir / n for n in ("report.md", "metrics.jsonl", "loss.png")]
+    files = [result.out_dir / n for n in ("report.md", "summary.json", "metrics.jsonl", "loss.png")]
     print("wrote " + ", ".join(str(f) for f in files if f.exists()))
     return 0

@@ -241,6 +241,10 @@ def _state_problems(state: Any) -> list[str]:
     opt = state["optimizer"]
     if not isinstance(opt.get("state"), dict) or not isinstance(opt.get("param_groups"), list):
         problems.append("the optimizer's state has no 'state' and 'param_groups'")
+    else:  # every parameter's state holds the same entries (AdamW: step, exp_avg, exp_avg_sq)
+        kinds = {frozenset(v) if isinstance(v, dict) else None for v in opt["state"].values()}
+        if None in kinds or len(kinds) > 1:
+            problems.append("the optimizer's per-parameter states are incomplete")
     if not all(isinstance(state["data"].get(k), int) for k in ("epoch", "offset", "rows")):
         problems.append("the data position needs 'epoch', 'offset' and 'rows'")
     if not isinstance(state["notes"].get("config"), dict):
