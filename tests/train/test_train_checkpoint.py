@@ -151,13 +151,38 @@ def test_a_line_cut_off_at_the_end_is_left_out(tmp_path):
     assert read_metrics(path) == [{"kind": "train", "step": 1, "time": 0}]
 
 
-def test_a_full_disk_while_writing_a_checkpoint_says_so_and_leaves_nothing(tmp_path, monkeypatch):
-    def full_disk(path, data):  # writes part of the file, then the disk is full
-        with open(path, "xb") as f:
-            f.write(bytes(data)[: len(data) // 2])
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+class FullDisk:
+    """A real file on which the disk fills up after ``room`` bytes, as ``write(2)`` does."""
 
-    monkeypatch.setattr(checkpoint, "_write_file", full_disk)
+    def __init__(self, file, room):
+        self.file, self.room = file, room
+
+    def write(self, data):
+        if len(data) > self.room:
+            self.file.write(bytes(data)[: self.room])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+@pytest.mark.parametrize("file", ["trainable.safetensors", "state.pt"])
+def test_a_full_disk_while_writing_a_checkpoint_says_so_and_leaves_nothing(
+    tmp_path, monkeypatch, file
+):
+    def full_disk_open(path, mode="r", *args, **kwargs):
+        opened = open(path, mode, *args, **kwargs)
+        return FullDisk(opened, room=100) if Path(path).name == file else opened
+
+    monkeypatch.setattr(checkpoint, "open", full_disk_open, raising=False)
     cfg = run_config(tmp_path, training={"steps": 4, "checkpoint_every": 2})
     out = Path(cfg.output.dir)
     with pytest.raises(CheckpointError) as e:

@@ -22,13 +22,13 @@ CPU, as a run that was never interrupted.
 from __future__ import annotations
 
 import errno
-import io
 import os
 import pickle
 import random
 import secrets
 import shutil
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,14 +75,35 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _write_file(path: Path, data: bytes | memoryview) -> None:
-    """Write a new file with the umask's mode and flush it to the disk (``fsync``).
+class _Recording:
+    """A file that remembers the ``OSError`` of a failed write: ``torch.save`` reports it as a
+    ``RuntimeError ... unexpected pos``, which does not say that the disk is full."""
 
-    The serializers (safetensors, ``torch.save``) turn a full disk into their own errors
-    (``SafetensorError``, ``RuntimeError ... unexpected pos``); writing their bytes here keeps the
-    ``OSError`` that says what happened."""
+    def __init__(self, file: Any):
+        self.file, self.error = file, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _write_file(path: Path, write: Callable[[Any], Any]) -> None:
+    """Create ``path`` (with the umask's mode), ``write(file)`` into it, flush it to the disk
+    (``fsync``); a failed write raises its own ``OSError``."""
     with open(path, "xb") as f:
-        f.write(data)
+        file = _Recording(f)
+        try:
+            write(file)
+        except RuntimeError:
+            if file.error is not None:
+                raise file.error from None
+            raise
         f.flush()
         os.fsync(f.fileno())
 
@@ -118,13 +139,12 @@ def save(
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / f"{PREFIX}{step:06d}"
     tmp = out_dir / f"{TMP_PREFIX}{step:06d}-{secrets.token_hex(4)}"
-    tmp.mkdir()  # not tempfile.mkdtemp: its 0700 would hide the run from the user's group
     try:
-        tensors = {n: t.contiguous() for n, t in trainable_state(model).items()}
-        _write_file(tmp / "trainable.safetensors", to_bytes(tensors))
-        if best is not None:
-            best = {n: t.contiguous() for n, t in best.items()}
-            _write_file(tmp / "best.safetensors", to_bytes(best))
+        tmp.mkdir()  # not tempfile.mkdtemp: its 0700 would hide the run from the user's group
+        for name, tensors in (("trainable", trainable_state(model)), ("best", best)):
+            if tensors is not None:  # safetensors' own writer would hide a full disk's errno
+                data = to_bytes({n: t.contiguous() for n, t in tensors.items()})
+                _write_file(tmp / f"{name}.safetensors", lambda f, data=data: f.write(data))
         state = {
             "step": step,
             "optimizer": optimizer.state_dict(),
@@ -134,9 +154,7 @@ def save(
             "notes": notes,
             **(extra or {}),
         }
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        _write_file(tmp / "state.pt", buffer.getbuffer())
+        _write_file(tmp / "state.pt", lambda f: torch.save(state, f))
         if final.exists():  # a checkpoint of an earlier attempt at this step: replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
