@@ -9,6 +9,7 @@ import pytest
 import lorakit.models
 from conftest import char_tokenizer, run, run_config, tiny_llama, write_jsonl
 from lorakit.cli.main import main
+from lorakit.errors import AdapterFileError
 from lorakit.train import TrainingError
 from lorakit.train.checkpoint import checkpoints
 from lorakit.train.output import MARKER
@@ -93,3 +94,14 @@ def test_a_run_written_before_the_marker_is_still_recognised(tmp_path):
     (out / MARKER).unlink()  # a run of an earlier version: metrics.jsonl, report.md, adapter/
     run(run_config(tmp_path, output={"overwrite": True, "report": True}))
     assert (out / MARKER).is_file()
+
+
+def test_overwrite_refuses_an_adapter_directory_holding_the_users_files(tmp_path):
+    cfg = run_config(tmp_path)
+    out = Path(cfg.output.dir)
+    run(cfg)
+    (out / "adapter" / "my_notes.txt").write_text("keep me\n")
+    before = snapshot(out)
+    with pytest.raises(AdapterFileError, match="my_notes.txt"):
+        run(run_config(tmp_path, output={"overwrite": True}))
+    assert snapshot(out) == before

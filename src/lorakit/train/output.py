@@ -10,7 +10,8 @@ directories or a ``metrics.jsonl`` whose first line is a lorakit record.
   files of other names are left alone.
 * A lorakit run with results (checkpoints or ``metrics.jsonl``): continued with
   ``training.resume=true``; started over with ``output.overwrite=true``, which deletes only what a
-  run writes (other files stay); refused otherwise.
+  run writes (other files stay; an ``adapter/`` or ``model/`` holding files a run does not write
+  is refused, as ``save_adapter`` refuses it); refused otherwise.
 * A directory that is not a lorakit run but holds files with those names (a ``report.md`` of the
   user's own): refused with the list of them, whatever ``output.overwrite`` says, and nothing is
   changed.
@@ -75,6 +76,10 @@ def prepare(out: Path, resume: bool, overwrite: bool) -> None:
                 f"output.dir {str(out)!r} holds an earlier run: pass training.resume=true to "
                 "continue it, output.overwrite=true to start over, or choose another output.dir"
             )
+        from ..io.safety import check_target
+
+        for kind in ("adapter", "model"):  # refused if they hold files a run does not write
+            check_target(out / kind, overwrite=True, kind=kind)
         for path in [*found, *(out / name for name in OUTPUTS)]:
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
