@@ -49,6 +49,25 @@ def test_a_bad_data_line_fails_before_loading_a_model(files, capsys, no_model_lo
     assert "train.jsonl:9: field 'completion' is empty" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "name, line",
+    [
+        ("run.yaml", b"# caf\xe9\n"),
+        ("train.jsonl", b'{"text": "caf\xe9"}\n'),
+        ("eval.jsonl", b"\xff\n"),
+    ],
+)
+def test_invalid_utf8_is_a_clean_error_naming_file_and_line(
+    files, capsys, no_model_loading, name, line
+):
+    first, *rest = (files / name).read_bytes().splitlines(keepends=True)
+    (files / name).write_bytes(first + line + b"".join(rest))
+    code = lorakit_train(str(files / "run.yaml"))
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err
+    assert f"{files / name}:2: not valid UTF-8" in err
+
+
 def test_print_config_shows_the_resolved_config(files, capsys, no_model_loading):
     assert lorakit_train(str(files / "run.yaml"), "training.lr=1e-3", "--print-config") == 0
     out = capsys.readouterr().out

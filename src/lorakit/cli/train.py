@@ -69,8 +69,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"before training: {result.before.line()}")
     if result.after is not None:
         print(f"after training:  {result.after.line()}")
-    done = result.steps - result.start_step
+    done = result.last_step - result.start_step
     print(f"{done} steps in {result.train_seconds:.1f} s; saved {result.saved}")
-    files = [result.out_dir / n for n in ("report.md", "metrics.jsonl", "loss.png")]
+    if result.kept_step != result.last_step:
+        print(
+            f"saved the parameters of step {result.kept_step} (lowest held-out loss "
+            f"{result.kept_loss:.4f}), not the last step's ({result.last_step})"
+        )
+    for warning in result.warnings:
+        print(f"warning: {warning}")
+    files = [result.out_dir / n for n in ("report.md", "summary.json", "metrics.jsonl", "loss.png")]
     print("wrote " + ", ".join(str(f) for f in files if f.exists()))
     return 0
