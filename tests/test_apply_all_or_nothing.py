@@ -15,13 +15,20 @@ import lorakit
 import lorakit.adapter_memory as adapter_memory
 from lorakit import LoraConfig, MergeError
 from lorakit.errors import ConfigError
-from tiny_models import tiny_llama
+from tiny_models import LLAMA, tiny_llama
 
 HUGE_R = 1_000_000_000
-# lora_A of (10**12, 128) float32 values: 512 TB, more than any machine can map, so the
-# allocation fails for real wherever the test runs.
-IMPOSSIBLE_R = 10**12
+
+
+def impossible_r(in_features: int) -> int:
+    """A rank whose float32 lora_A (r, in) takes 2**60 bytes (1.15 EB): more than any address
+    space can map (even 57-bit), yet a valid size, so the allocator itself refuses it wherever
+    the test runs, and nothing is ever written."""
+    return 2**60 // (4 * in_features)
+
+
 LAST_LINEAR = "model.layers.1.mlp.down_proj"
+LAST_IN = LLAMA["intermediate_size"]  # its in_features
 
 
 def snapshot(model: nn.Module):
@@ -64,14 +71,14 @@ def test_an_allocation_failing_late_puts_back_every_module(monkeypatch):
     config = LoraConfig(
         r=4,
         target_modules="all-linear",
-        rank_pattern={LAST_LINEAR: IMPOSSIBLE_R},
+        rank_pattern={LAST_LINEAR: impossible_r(LAST_IN)},
         bias="all",
     )
     with pytest.raises(ConfigError) as caught:
         lorakit.apply_lora(model, config, "b")
     message = str(caught.value)
-    assert LAST_LINEAR in message and f"r={IMPOSSIBLE_R:,}" in message, message
-    assert "TB" in message, message
+    assert LAST_LINEAR in message and f"r={impossible_r(LAST_IN):,}" in message, message
+    assert "EB" in message, message
     assert_unchanged(model, before)
 
 
@@ -79,7 +86,9 @@ def test_an_allocation_failing_on_a_fresh_model_gives_back_the_base_tensors(monk
     model = tiny_llama()
     before = snapshot(model)
     monkeypatch.setattr(adapter_memory, "memory_of", lambda device: None)
-    config = LoraConfig(r=4, target_modules="all-linear", rank_pattern={LAST_LINEAR: IMPOSSIBLE_R})
+    config = LoraConfig(
+        r=4, target_modules="all-linear", rank_pattern={LAST_LINEAR: impossible_r(LAST_IN)}
+    )
     with pytest.raises(ConfigError, match=LAST_LINEAR):
         lorakit.apply_lora(model, config)
     assert_unchanged(model, before)
@@ -99,3 +108,24 @@ def test_a_switch_refused_at_the_end_undoes_the_injection():
         lorakit.apply_lora(model, config, "b")
     assert_unchanged(model, before)
     assert lorakit.adapter_configs(model).keys() == {"a"}
+
+
+def test_a_shared_module_goes_back_to_every_path(monkeypatch):
+    monkeypatch.setattr(adapter_memory, "memory_of", lambda device: None)
+    shared = nn.Linear(4, 4)
+    net = nn.Sequential(shared, nn.ReLU(), shared, nn.Linear(4, 4))
+    before = snapshot(net)
+    config = LoraConfig(r=2, target_modules=["0", "3"], rank_pattern={"3": impossible_r(4)})
+    with pytest.raises(ConfigError, match="^3: cannot allocate"):
+        lorakit.apply_lora(net, config)
+    assert_unchanged(net, before)
+    assert net[0] is net[2] is shared and shared.weight is not None
+
+
+def test_a_bare_linear_gets_its_weight_back(monkeypatch):
+    monkeypatch.setattr(adapter_memory, "memory_of", lambda device: None)
+    linear = nn.Linear(4, 4)
+    weight, bias = linear.weight, linear.bias
+    with pytest.raises(ConfigError, match=r"\(root\): cannot allocate"):
+        lorakit.apply_lora(linear, LoraConfig(r=impossible_r(4), target_modules=".*"))
+    assert linear.weight is weight and linear.bias is bias

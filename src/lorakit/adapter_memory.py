@@ -83,7 +83,8 @@ def check_memory(model: nn.Module, the_plan: Plan, adapter_dtype: torch.dtype | 
 
 def human_bytes(n: int) -> str:
     """``768.0 GB``: decimal units, as allocators and disk tools print sizes."""
-    for unit, scale in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+    units = (("EB", 10**18), ("PB", 10**15), ("TB", 10**12), ("GB", 10**9), ("MB", 10**6))
+    for unit, scale in (*units, ("kB", 10**3)):
         if n >= scale:
             return f"{n / scale:,.1f} {unit}"
     return f"{n} bytes"
