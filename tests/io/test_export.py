@@ -135,6 +135,13 @@ def test_export_the_embedded_gguf_model(tmp_path, monkeypatch):
     config = LoraConfig(r=2, target_modules=["q_proj"], layers=[0])
     lorakit.save_adapter(randomise(lorakit.apply_lora(model, config)), tmp_path / "adapter")
     del model
+    # the adapter names its base by the public id, which resolves to the embedded model
+    text = (tmp_path / "adapter" / "adapter_config.json").read_text()
+    assert json.loads(text)["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert ".cache" not in text and "site-packages" not in text
+    from lorakit.io.base_models import adapter_base
+
+    assert adapter_base(tmp_path / "adapter", "pass BASE") is None
     # the first load of the GGUF file: a model transformers would refuse to save as it is
     out = lorakit.export_merged("default", tmp_path / "adapter", tmp_path / "merged")
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
