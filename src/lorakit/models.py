@@ -285,5 +285,5 @@ def load_errors(path: Path) -> Iterator[None]:
     except Exception as exc:  # they raise OSError, ValueError, KeyError, SafetensorError, ...
         raise ModelLoadError(
             f"{path}: the model could not be loaded ({type(exc).__name__}: {exc}); "
-            "is it a complete transformers model?"
+            "is it complete and uncorrupted?"
         ) from exc

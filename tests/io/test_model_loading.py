@@ -135,3 +135,14 @@ def test_the_converted_copy_gets_the_umasks_modes(tmp_path, monkeypatch, umask):
     loaded, _ = load_model(target)
     x = tokens(128)
     torch.testing.assert_close(logits(loaded, x), logits(tiny_llama(), x))
+
+
+def test_a_truncated_gguf_file_is_named(tmp_path, monkeypatch):
+    pytest.importorskip("gguf")
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + b"\xff" * 20)  # counts cut short
+    for load in (load_model, load_base, meta_base):
+        with pytest.raises(ModelLoadError, match=r"m\.gguf: the model could not be loaded"):
+            load(gguf)
+    assert not (tmp_path / "cache").exists()
