@@ -215,9 +215,9 @@ def public_name(source: str | os.PathLike | None) -> str | None:
 def is_embedded(source: str | os.PathLike | None) -> bool:
     """Whether ``source`` names the embedded model without a path: None, ``"default"`` or
     :data:`DEFAULT_MODEL_ID` (unless a directory of that name is there)."""
-    return source is None or (
-        str(source) in ("default", DEFAULT_MODEL_ID) and not Path(source).exists()
-    )
+    if source is None or str(source) == "default":
+        return True
+    return str(source) == DEFAULT_MODEL_ID and not Path(source).exists()
 
 
 def set_name(model: Any, name: str | None) -> None:
@@ -248,8 +248,9 @@ def _inside(path: Path, root: Path) -> bool:
 def check_model_dir(path: Path) -> Path:
     """``path`` if it is a transformers directory whose config and safetensors files are intact.
 
-    Reads ``config.json`` and the header of every ``*.safetensors`` file (which says how long the
-    file must be): a truncated or garbage file is a ``ModelLoadError`` naming it, before
+    Reads ``config.json`` and the header of each safetensors file transformers will read
+    (``model.safetensors``, or the shards ``model.safetensors.index.json`` lists), which says how
+    long the file must be: a truncated or garbage file is a ``ModelLoadError`` naming it, before
     transformers sees it.
     """
     config_file = path / "config.json"
@@ -263,7 +264,7 @@ def check_model_dir(path: Path) -> Path:
         raise ModelLoadError(f"{config_file} must hold a JSON object, not {type(config).__name__}")
     from safetensors import SafetensorError, safe_open
 
-    for weights in sorted(path.glob("*.safetensors")):
+    for weights in _weight_files(path):
         try:
             with safe_open(weights, framework="pt", device="cpu"):
                 pass
@@ -272,6 +273,20 @@ def check_model_dir(path: Path) -> Path:
                 f"{weights} is not a valid safetensors file (truncated or corrupted?): {exc}"
             ) from None
     return path
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        return [path / "model.safetensors"] if (path / "model.safetensors").is_file() else []
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted({str(name) for name in weight_map.values()})
+    except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError) as exc:
+        raise ModelLoadError(
+            f"{index} is not a valid shard index (a JSON object with a weight_map): {exc}"
+        ) from None
+    return [path / name for name in names if (path / name).is_file()]
 
 
 @contextlib.contextmanager

@@ -78,6 +78,20 @@ def test_a_truncated_safetensors_file_is_named(llama_dir, keep):
             load(llama_dir)
 
 
+def test_a_truncated_shard_is_named(tmp_path):
+    tiny_llama().save_pretrained(tmp_path, max_shard_size="100KB")
+    word_tokenizer().save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shard = tmp_path / sorted(set(index["weight_map"].values()))[-1]
+    shard.write_bytes(shard.read_bytes()[:-10])
+    for load in (load_model, load_base):
+        with pytest.raises(ModelLoadError, match=f"{shard.name} is not a valid safetensors"):
+            load(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text("[]")
+    with pytest.raises(ModelLoadError, match=r"index\.json is not a valid shard index"):
+        load_model(tmp_path)
+
+
 @pytest.mark.parametrize(
     "text, match",
     [
