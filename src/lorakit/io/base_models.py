@@ -151,7 +151,8 @@ def adapter_base(adapter: str | os.PathLike, how_to_pass: str) -> str | None:
     if snapshot is not None:
         return snapshot
     what = (
-        "a hub model that is not in the local Hugging Face cache (lorakit downloads nothing)"
+        "neither a path that exists nor a hub model in the local Hugging Face cache (lorakit "
+        "downloads nothing)"
         if _HUB_ID.fullmatch(recorded)
         else "a path that does not exist"
     )
@@ -166,5 +167,8 @@ def _hub_snapshot(repo_id: str) -> str | None:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return None
-    found = try_to_load_from_cache(repo_id, "config.json")
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except ValueError:  # not a valid repository id after all
+        return None
     return str(Path(found).parent) if isinstance(found, str) else None
