@@ -23,7 +23,10 @@ EPILOG = """examples:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The options ``generate`` and ``eval`` share: base model, adapters, prompt format."""
     parser.add_argument(
-        "--model", default=None, help="a transformers directory or .gguf file (default: embedded)"
+        "--model",
+        default=None,
+        help="a transformers directory or .gguf file (default: the base the adapters record, "
+        "else the embedded model)",
     )
     parser.add_argument(
         "--adapter", action="append", default=[], metavar="DIR", help="an adapter (repeatable)"
@@ -73,7 +76,7 @@ def load_with_adapters(args: argparse.Namespace):
     from ..io import load_adapter
     from ..models import load_model
 
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model or recorded_base(args.adapter))
     names = adapter_names(args.adapter)
     for directory, name in zip(args.adapter, names):
         model = load_adapter(model, directory, adapter_name=name)
@@ -82,6 +85,19 @@ def load_with_adapters(args: argparse.Namespace):
         answerers.insert(0, None)
     model.eval()
     return model, tokenizer, answerers
+
+
+def recorded_base(adapters: list[str]) -> str | None:
+    """The base model the adapters record (None: the embedded model); all must record the same."""
+    from ..errors import ConfigError
+    from ..io.base_models import adapter_base
+
+    hint = "pass the base model explicitly with --model"
+    bases = {d: adapter_base(d, hint) for d in adapters}
+    if len(set(bases.values())) > 1:
+        listed = ", ".join(f"{d}: {b or 'the embedded model'}" for d, b in bases.items())
+        raise ConfigError(f"the adapters record different base models ({listed}); {hint}")
+    return next(iter(bases.values()), None)
 
 
 def run(args: argparse.Namespace) -> int:
