@@ -28,6 +28,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.set_defaults(run=run)
     parser.add_argument("path", metavar="PATH", help='adapter directory, base model or "default"')
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.add_argument(
+        "--allow-bin",
+        action="store_true",
+        help="read a legacy adapter_model.bin (torch.load with weights_only=True)",
+    )
     plan = parser.add_argument_group("plan options (for a base model)")
     plan.add_argument("--r", type=int, default=None, help="rank (default 8)")
     plan.add_argument("--alpha", type=float, default=None, help="alpha (default 16)")
@@ -56,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
             )
         from ..io.inspect import format_adapter, inspect_adapter
 
-        info = inspect_adapter(path)
+        info = inspect_adapter(path, allow_bin=args.allow_bin)
         print(json.dumps(info, indent=2) if args.json else format_adapter(info))
         return 0
 
