@@ -32,7 +32,7 @@ from collections.abc import Sequence
 BROKEN_PIPE_STATUS = 141
 
 # The order commands are listed in; a command module not named here comes after, by name.
-ORDER = ("train", "eval", "generate", "chat", "merge", "inspect", "bench")
+ORDER = ("init", "train", "eval", "generate", "chat", "merge", "inspect", "bench")
 
 
 def commands() -> list[str]:
