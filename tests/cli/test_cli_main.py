@@ -105,6 +105,12 @@ def test_errors_name_the_flag_not_the_keyword_argument(adapter, tmp_path, capsys
     err = capsys.readouterr().err
     assert "pass --allow-base-mismatch to load it anyway" in err
     assert "allow_base_mismatch" not in err
+    argv = ["merge", str(tmp_path / "other"), str(adapter), str(tmp_path / "o2")]
+    assert main([*argv, "--allow-base-mismatch"]) == 0
+    err = capsys.readouterr().err
+    assert "lorakit merge: warning: the adapter at" in err  # one line of lorakit's, no traceback
+    assert "loading it anyway (--allow-base-mismatch)" in err
+    assert "allow_base_mismatch" not in err and "UserWarning" not in err
 
 
 def test_a_legacy_bin_adapter_names_the_allow_bin_flag(adapter, capsys):
@@ -118,6 +124,33 @@ def test_a_legacy_bin_adapter_names_the_allow_bin_flag(adapter, capsys):
     assert "Pass --allow-bin to read it" in err and "allow_bin" not in err
     assert main(["inspect", str(adapter), "--allow-bin"]) == 0
     assert "r=4 alpha=8" in capsys.readouterr().out
+
+
+def test_plan_errors_name_the_plan_options(adapter, tmp_path, capsys):
+    base = str(tmp_path / "base")
+    assert main(["inspect", base, "--target", "q_proj", "nothing_here"]) == 1
+    assert "--target entry 'nothing_here' matches no module" in capsys.readouterr().err
+    assert main(["inspect", base, "--target-regex", "("]) == 1
+    assert "--target-regex '(' is not a valid regular expression" in capsys.readouterr().err
+    assert main(["inspect", base, "--modules-to-save", "nope"]) == 1
+    assert "--modules-to-save entry 'nope' matches no module" in capsys.readouterr().err
+    assert main(["inspect", base, "--alpha", "-1"]) == 1
+    err = capsys.readouterr().err
+    assert "--alpha -1.0: expected a positive" in err and "alpha=" not in err
+
+
+def test_only_the_names_of_flags_are_rewritten():
+    from lorakit.cli.main import with_flags
+
+    parser = command_parser(build_parser(), "eval")
+    keywords = {"r": "--r", "batch_size": "--batch-size"}
+    for text in (
+        "training.batch_size=0: must be greater than 0",  # a config key, not a flag
+        "scaled by alpha / r; r must be an integer",  # words, not the name=value form
+        "--no-chat-template=True",
+    ):
+        assert with_flags(text, parser, keywords) == text
+    assert with_flags("r=0 and batch_size is 0", parser, keywords) == "--r 0 and --batch-size is 0"
 
 
 # Every keyword argument a library error suggests, and the commands that can meet that error.

@@ -10,11 +10,14 @@ import nothing heavy at module level (transformers, safetensors and the model co
 Errors lorakit raises on purpose (bad input, a file that does not fit) print one message and exit
 with status 1; usage errors exit with status 2, as argparse does. A message that names a keyword
 argument of the library (``overwrite=True``) names the command's flag instead (``--overwrite``):
-each command's flags are read from its parser, so a flag and the keyword it sets share a name.
+each command's flags are read from its parser, so a flag and the keyword it sets share a name; a
+command whose flags build a library object under other names sets ``args.keywords`` ({library
+name: flag}, see ``with_flags``) before it builds it.
 When the reader of the output goes away (``lorakit inspect DIR --json | head``), the command stops
 quietly with status 141 (128 + SIGPIPE), as a Unix tool killed by SIGPIPE does, so a pipeline
 under ``set -o pipefail`` still sees that the output was cut short. Help texts are the commands'
-docstrings with their reStructuredText markup removed.
+docstrings with their reStructuredText markup removed. Warnings lorakit raises print as one line,
+``lorakit COMMAND: warning: ...``, with flags named as in errors.
 """
 
 from __future__ import annotations
@@ -25,11 +28,14 @@ import os
 import pkgutil
 import re
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 # The status of a command whose output pipe closed early: 128 + SIGPIPE, as the shell reports
 # for a tool killed by the signal (Python ignores SIGPIPE, so it surfaces as BrokenPipeError).
 BROKEN_PIPE_STATUS = 141
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # lorakit/
 
 # The order commands are listed in; a command module not named here comes after, by name.
 ORDER = ("init", "train", "eval", "generate", "chat", "merge", "inspect", "bench")
@@ -88,15 +94,33 @@ def command_parser(parser: argparse.ArgumentParser, name: str) -> argparse.Argum
     return subparsers.choices[name]
 
 
-def with_flags(message: str, parser: argparse.ArgumentParser) -> str:
-    """``message`` with each ``keyword=True`` of the library's API written as the command's flag
-    that sets it (``overwrite=True`` -> ``--overwrite``); other text is left as it is."""
-    flags = {
+def with_flags(
+    message: str, parser: argparse.ArgumentParser, keywords: Mapping[str, str] | None = None
+) -> str:
+    """``message`` as a user of the command line reads it: each keyword argument of the library
+    is written as the command's flag that sets it; other text is left as it is.
+
+    ``name=True`` becomes the store-true flag whose ``dest`` is ``name`` (``overwrite=True`` ->
+    ``--overwrite``). ``keywords`` ({library name: flag}) names the fields a command builds from
+    flags of other names (``inspect``'s plan options build a ``LoraConfig``): ``name=value``
+    becomes ``flag value``, and a name with an underscore becomes the flag wherever it stands
+    (``target_modules entry 'x'`` -> ``--target entry 'x'``). A dotted config key
+    (``training.batch_size``) is never touched.
+    """
+    switches = {
         action.dest: max(action.option_strings, key=len)
         for action in parser._actions
         if isinstance(action, argparse._StoreTrueAction)
     }
-    return re.sub(r"\b([a-z_]+)=True\b", lambda m: flags.get(m.group(1), m.group(0)), message)
+    word = r"(?<![\w.-])"  # a whole name, not the tail of a dotted key or of a flag
+    message = re.sub(
+        word + r"([a-z_]+)=True\b", lambda m: switches.get(m.group(1), m.group(0)), message
+    )
+    for name, flag in (keywords or {}).items():
+        message = re.sub(word + re.escape(name) + "=", flag + " ", message)
+        if "_" in name:
+            message = re.sub(word + re.escape(name) + r"\b(?![=.])", flag, message)
+    return message
 
 
 def _version() -> str:
@@ -125,13 +149,26 @@ def _run(argv: Sequence[str] | None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    command = command_parser(parser, args.command)
+
+    def said(text: object) -> str:
+        return with_flags(str(text), command, getattr(args, "keywords", None))
+
+    def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+        if Path(filename).resolve().is_relative_to(PACKAGE_DIR):  # lorakit's own: one line
+            print(f"lorakit {args.command}: warning: {said(message)}", file=sys.stderr)
+        else:
+            default_show_warning(message, category, filename, lineno, file, line)
+
+    default_show_warning = warnings.showwarning
     try:
-        return int(args.run(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = show_warning
+            return int(args.run(args) or 0)
     except BrokenPipeError:
         raise
     except (LorakitError, OSError) as exc:
-        message = with_flags(str(exc), command_parser(parser, args.command))
-        print(f"lorakit {args.command}: error: {message}", file=sys.stderr)
+        print(f"lorakit {args.command}: error: {said(exc)}", file=sys.stderr)
         return 1
 
 
