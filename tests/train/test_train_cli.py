@@ -92,3 +92,19 @@ def test_train_runs_and_prints_before_and_after(files, capsys, monkeypatch):
     assert "exact match 0/4" in out
     assert (files / "out" / "adapter" / "adapter_config.json").is_file()
     assert (files / "out" / "report.md").is_file()
+
+
+def test_the_example_that_init_writes_trains_as_it_is(tmp_path, capsys, monkeypatch):
+    """``lorakit init --example date_demo`` then ``lorakit train date_demo.yaml``, without a clone
+    (the tiny model stands in for the embedded one; a few steps on a few rows)."""
+    tokenizer = char_tokenizer()
+    monkeypatch.setattr(
+        lorakit.models, "load_model", lambda *a, **k: (tiny_llama(len(tokenizer)), tokenizer)
+    )
+    monkeypatch.chdir(tmp_path)
+    assert main(["init", "--example", "date_demo"]) == 0
+    short = ["training.steps=2", "training.warmup_steps=0", "training.checkpoint_every=0"]
+    short += ["evaluation.max_rows=2", "evaluation.max_new_tokens=2", "output.plot=false"]
+    assert lorakit_train("date_demo.yaml", *short) == 0
+    assert "after training:  loss" in capsys.readouterr().out
+    assert (tmp_path / "runs" / "date_demo" / "adapter" / "adapter_config.json").is_file()

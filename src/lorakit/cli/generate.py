@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 EPILOG = """examples:
-  lorakit generate --base --adapter runs/date_demo/adapter \
+  lorakit generate --base --adapter runs/date_demo/adapter \\
       "Convert to ISO date (YYYY-MM-DD): 5 Mar 1987"
   lorakit generate --adapter runs/a/adapter --adapter runs/b/adapter - < prompts.txt
 """
@@ -32,6 +32,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--adapter", action="append", default=[], metavar="DIR", help="an adapter (repeatable)"
     )
     parser.add_argument("--base", action="store_true", help="also answer with the base model")
+    parser.add_argument(
+        "--allow-base-mismatch",
+        action="store_true",
+        help="load adapters even if their fingerprint names another base model",
+    )
+    parser.add_argument(
+        "--allow-bin",
+        action="store_true",
+        help="read a legacy adapter_model.bin (torch.load with weights_only=True)",
+    )
     parser.add_argument("--system-prompt", default=None, help="a system turn put first")
     parser.add_argument(
         "--no-chat-template", action="store_true", help="send prompts without the chat template"
@@ -79,7 +89,13 @@ def load_with_adapters(args: argparse.Namespace):
     model, tokenizer = load_model(args.model or recorded_base(args.adapter))
     names = adapter_names(args.adapter)
     for directory, name in zip(args.adapter, names):
-        model = load_adapter(model, directory, adapter_name=name)
+        model = load_adapter(
+            model,
+            directory,
+            adapter_name=name,
+            allow_base_mismatch=args.allow_base_mismatch,
+            allow_bin=args.allow_bin,
+        )
     answerers: list[str | None] = list(names)
     if args.base or not names:
         answerers.insert(0, None)

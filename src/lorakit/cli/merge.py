@@ -22,12 +22,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser = subparsers.add_parser(
         "merge",
         help=HELP,
+        usage="%(prog)s [options] [BASE] ADAPTER OUT",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.set_defaults(run=run)
     parser.add_argument(
-        "paths", nargs="+", metavar="[BASE] ADAPTER OUT", help="base model, adapter, output"
+        "paths",
+        nargs="+",
+        metavar="[BASE] ADAPTER OUT",
+        help="two or three paths: the base model (optional), the adapter, the output directory",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it holds a model")
     parser.add_argument(

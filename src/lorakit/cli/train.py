@@ -25,6 +25,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser = subparsers.add_parser(
         "train",
         help="fine-tune a model with LoRA, QLoRA or fully, from a YAML config",
+        usage="%(prog)s [options] [CONFIG.yaml] [section.key=value ...]",
         description=__doc__.split("\n\n")[0],
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -32,8 +33,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "items",
         nargs="*",
-        metavar="[config.yaml] [section.key=value]",
-        help="a YAML config file (optional) and dotted overrides, e.g. training.lr=1e-3",
+        metavar="[CONFIG.yaml] [section.key=value ...]",
+        help="a YAML config file (optional; lorakit init writes one) and dotted overrides, "
+        "e.g. training.lr=1e-3",
     )
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config and exit"
