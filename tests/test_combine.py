@@ -157,3 +157,64 @@ def test_combined_adapter_is_listed_with_a_config():
         nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8), nn.Embedding(10, 16)), config
     )
     assert {row.path: row.r for row in plan.rows} == {"0": 6, "2": 4, "3": 6}
+
+
+def model_state(net: nn.Module):
+    return (
+        lorakit.list_adapters(net),
+        [(p, type(m)) for p, m in net.named_modules()],
+        {k: v.clone() for k, v in net.state_dict().items()},
+    )
+
+
+def assert_same_state(net: nn.Module, before) -> None:
+    adapters, types, state = model_state(net)
+    assert adapters == before[0] and types == before[1] and list(state) == list(before[2])
+    assert all(torch.equal(v, before[2][k]) for k, v in state.items())
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(weights=["a", "b"]), r"weights=\['a', 'b'\]: expected a mapping .* got a list"),
+        (dict(weights=[("a", 0.5)]), r"expected a mapping \{adapter name: weight\}"),
+        (dict(weights="a"), "expected a mapping .* got a str"),
+        (dict(weights=None), "expected a mapping .* got a NoneType"),
+        (dict(weights={"a": "0.5"}), r"weight of 'a'='0\.5': expected a finite number"),
+        (dict(weights={"a": 1.0}, method=["cat"]), r"method=\['cat'\]"),
+        (dict(weights={"a": 1.0}, method="ties", density="half"), "density='half'"),
+        (dict(weights={"a": 1.0}, method="ties", density=None), "density=None"),
+        (dict(weights={"a": 1.0}, method="svd", rank="4"), "rank='4'"),
+        (dict(weights={"a": 1.0}, method="svd", rank=True), "rank=True"),
+        (dict(weights={"a": 1.0}, method="dare_ties", density=0.5, seed="x"), "seed='x'"),
+        (dict(weights={"a": 1.0}, method="dare_ties", density=0.5, seed=2**64), "seed=1844"),
+        (dict(weights={"a": 1.0}, seed=1.5), "seed=1.5"),
+    ],
+)
+def test_wrong_argument_types_are_config_errors_and_change_nothing(kwargs, message):
+    net = two_adapter_model()
+    before = model_state(net)
+    with pytest.raises(lorakit.ConfigError, match=message):
+        combine(net, name="new", **kwargs)
+    assert_same_state(net, before)
+
+
+def test_a_model_that_is_not_a_module_is_named():
+    with pytest.raises(lorakit.ConfigError, match="model: expected a torch.nn.Module.*dict"):
+        combine({"a": 1}, {"a": 1.0})
+
+
+def test_a_layer_that_cannot_take_the_adapter_leaves_none_with_it(monkeypatch):
+    """The combined adapter goes into every layer or none (here the second layer's allocation
+    fails, as it would on a full device)."""
+    net = two_adapter_model()
+    before = model_state(net)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(net[2], "add_adapter", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        combine(net, WEIGHTS, "cat", "ab")
+    assert_same_state(net, before)
+    assert all("ab" not in layer.lora_A for _, layer in lorakit.lora_layers(net))

@@ -279,3 +279,60 @@ def test_name_lists_are_normalised_to_one_canonical_form():
     as_set = LoraConfig(target_modules={"q_proj", "v_proj"})
     assert listed == as_set
     assert listed.target_modules == ("q_proj", "v_proj")
+
+
+# -- patterns that could backtrack for ever are refused when the config is built ---------------
+# Each of these takes exponential time (or a high power of the path length) to fail to match a
+# module path such as "model.layers.0.self_attn.q_proj"; "(.+)+x" never finishes there.
+HANGING_PATTERNS = {
+    "(.+)+x": "nested repetition",
+    "(a+)+$": "nested repetition",
+    "(a*)*b": "nested repetition",
+    r"(\w+\.?)+$$": "nested repetition",
+    "(.*a){12}": "nested repetition",
+    "(a?){30}a{30}": "nested repetition",
+    "(.|.)*x": "alternation",
+    "(a|aa)+$": "alternation",
+    ".*.*.*.*.*.*.*x": "7 repeated or optional parts",
+    "a?" * 30 + "a" * 30: "30 repeated or optional parts",
+    "q" * 5000: "5,000 characters",
+}
+# What PEFT users write (PEFT's documentation and model cards).
+ORDINARY_PATTERNS = [
+    r".*\.(q_proj|v_proj)$",
+    r"model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj",
+    r".*decoder.*(SelfAttention|EncDecAttention).*(q|k|v|o)$",
+    r"^(?!.*lm_head).*",
+    r".*(q_proj|v_proj)",
+    r"(model\.)?layers\.(0|1|2|3|10|11)\.(self_attn|mlp)\.\w+_proj",
+]
+
+
+@pytest.mark.parametrize("pattern, why", HANGING_PATTERNS.items(), ids=range(len(HANGING_PATTERNS)))
+@pytest.mark.parametrize(
+    "field", ["target_modules", "exclude_modules", "rank_pattern", "alpha_pattern"]
+)
+def test_a_pattern_that_could_hang_is_a_config_error_naming_it(field, pattern, why):
+    value = {pattern: 4} if field.endswith("_pattern") else pattern
+    with pytest.raises(ConfigError) as caught:
+        LoraConfig(**{field: value})
+    message = str(caught.value)
+    assert field in message and repr(pattern)[:40] in message and why in message, message
+
+
+@pytest.mark.parametrize("pattern", list(HANGING_PATTERNS)[:3])
+def test_a_pattern_that_could_hang_is_refused_in_an_adapter_config(pattern):
+    data = LoraConfig(target_modules=["q_proj"]).to_peft_dict()
+    with pytest.raises(ConfigError, match=r"adapter_config\.json.*nested repetition"):
+        LoraConfig.from_peft_dict({**data, "target_modules": pattern})
+
+
+@pytest.mark.parametrize("pattern", ORDINARY_PATTERNS)
+def test_ordinary_patterns_are_accepted_everywhere(pattern):
+    config = LoraConfig(
+        target_modules=pattern,
+        exclude_modules=pattern,
+        rank_pattern={pattern: 4},
+        alpha_pattern={pattern: 8},
+    )
+    assert LoraConfig.from_peft_dict(config.to_peft_dict()) == config

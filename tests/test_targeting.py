@@ -375,3 +375,67 @@ def test_gpt3_175b_shaped_plan_is_fast_and_counts_q_and_v():
     assert len(the_plan.rows) == 96
     assert the_plan.base_params > 174e9  # the base really is 175B-shaped
     assert elapsed < PLAN_SECONDS
+
+
+# -- regular expressions from adapter files are bounded ------------------------------------------
+HANG_TIMEOUT_S = 120  # generous: the refusal is immediate, a hang never ends
+
+
+def test_an_adapter_file_with_a_backtracking_pattern_is_refused_not_matched(tmp_path):
+    """A server loading an untrusted adapter: "(.+)+x" against "model.layers.0..." never ends.
+
+    Run in a subprocess so that, were the pattern matched, the test fails on the timeout
+    instead of hanging the suite.
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model = lorakit.apply_lora(
+        LlamaForCausalLM(LlamaConfig(**LLAMA)), LoraConfig(target_modules=["q_proj"])
+    )
+    directory = lorakit.save_adapter(model, tmp_path / "adapter")
+    config_file = directory / "adapter_config.json"
+    data = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**data, "target_modules": "(.+)+x"}))
+    src = str(Path(lorakit.__file__).resolve().parents[1])
+    code = (
+        "import sys, lorakit\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        f"model = LlamaForCausalLM(LlamaConfig(**{LLAMA!r}))\n"
+        "try:\n"
+        f"    lorakit.load_adapter(model, {str(directory)!r}, allow_base_mismatch=True)\n"
+        "except lorakit.ConfigError as exc:\n"
+        "    print(exc)\n"
+        "    sys.exit(3)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=HANG_TIMEOUT_S,
+    )
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "'(.+)+x'" in result.stdout and "nested repetition" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "pattern, expected",
+    [
+        (r".*\.(q_proj|v_proj)$", ("q_proj", "v_proj")),
+        (
+            r"model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj",
+            ("q_proj", "k_proj", "v_proj", "o_proj"),
+        ),
+        (r"^(?!.*lm_head).*\.(gate|up)_proj", ("gate_proj", "up_proj")),
+    ],
+)
+def test_ordinary_regex_targets_still_match(pattern, expected):
+    model = LlamaForCausalLM(LlamaConfig(**LLAMA))
+    rows = plan(model, LoraConfig(target_modules=pattern)).rows
+    assert sorted({row.path.rsplit(".", 1)[-1] for row in rows}) == sorted(expected)
+    assert len(rows) == len(expected) * LLAMA["num_hidden_layers"]

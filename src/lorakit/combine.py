@@ -30,6 +30,7 @@ is otherwise unchanged. Adapters on fused slices cannot be combined yet.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Mapping
 
@@ -60,30 +61,12 @@ def combine(
     ``rank``: the new rank for ``svd``/``ties``/``dare_*`` (default: the sum of the combined
     ranks in each layer, at most min(in, out)). ``density``: fraction of entries kept by
     ``ties``/``dare_*``, in (0, 1]. ``seed``: the random drop pattern of ``dare_*``.
+
+    Bad arguments are one ``ConfigError`` listing every problem; the model is left unchanged
+    (the new adapter is added to every layer or to none).
     """
     check_adapter_name(name)
-    configs = adapter_configs(model)
-    problems = []
-    if method not in METHODS:
-        problems.append(f"method={method!r}: expected one of {', '.join(METHODS)}")
-    if name in configs:
-        problems.append(f"name={name!r}: an adapter of that name already exists")
-    if not weights:
-        problems.append("weights: expected at least one {adapter: weight}")
-    unknown = [n for n in weights if n not in configs]
-    if unknown:
-        problems.append(f"unknown adapter(s) {unknown}; adapters: {', '.join(configs)}")
-    for n, w in weights.items():
-        if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w):
-            problems.append(f"weight of {n!r}={w!r}: expected a finite number")
-    if method == "linear" and any(w < 0 for w in weights.values() if isinstance(w, (int, float))):
-        problems.append("method='linear' needs non-negative weights (use 'cat' or 'svd')")
-    if not 0.0 < density <= 1.0:
-        problems.append(f"density={density!r}: expected a number in (0, 1]")
-    if rank is not None and (not isinstance(rank, int) or rank <= 0):
-        problems.append(f"rank={rank!r}: expected a positive integer")
-    if problems:
-        raise ConfigError("cannot combine adapters:\n  - " + "\n  - ".join(problems))
+    _check_request(model, weights, method, name, rank, density, seed)
 
     gen = torch.Generator().manual_seed(seed)
     results: dict[str, tuple[LoraLayer, torch.Tensor, torch.Tensor]] = {}
@@ -98,15 +81,24 @@ def combine(
         a, b = _combine_layer(layer, present, method, rank, density, gen, path)
         results[path] = (layer, a, b)
 
+    if not results:
+        raise ConfigError(f"cannot combine adapters: no LoRA layer holds any of {list(weights)}")
     ranks = {path: a.shape[0] for path, (_, a, _) in results.items()}
     top = max(ranks.values())
-    for layer, a, b in results.values():
-        r = a.shape[0]
-        dtype = layer.lora_A[next(n for n in weights if n in layer.lora_A)].dtype
-        layer.add_adapter(name, AdapterRecord(r, float(r), 1.0), dtype=dtype)
-        with torch.no_grad():
-            layer.lora_A[name].copy_(a.reshape(layer.lora_A[name].shape))
-            layer.lora_B[name].copy_(b.reshape(layer.lora_B[name].shape))
+    added = []
+    try:  # all or nothing: a layer that cannot take the adapter leaves none with it
+        for layer, a, b in results.values():
+            r = a.shape[0]
+            dtype = layer.lora_A[next(n for n in weights if n in layer.lora_A)].dtype
+            layer.add_adapter(name, AdapterRecord(r, float(r), 1.0), dtype=dtype)
+            added.append(layer)
+            with torch.no_grad():
+                layer.lora_A[name].copy_(a.reshape(layer.lora_A[name].shape))
+                layer.lora_B[name].copy_(b.reshape(layer.lora_B[name].shape))
+    except BaseException:
+        for layer in added:
+            layer.delete_adapter(name)
+        raise
     pattern = {re.escape(p): r for p, r in ranks.items() if r != top}
     config = LoraConfig(
         r=top,
@@ -117,6 +109,54 @@ def combine(
     )
     registry(model).set(name, config)
     return name
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_request(model, weights, method, name, rank, density, seed) -> None:
+    """Every problem with ``combine``'s arguments, raised at once as a ConfigError."""
+    problems = []
+    if not isinstance(model, nn.Module):
+        problems.append(
+            f"model: expected a torch.nn.Module with adapters, got {type(model).__name__}"
+        )
+    configs = adapter_configs(model) if isinstance(model, nn.Module) else {}
+    if not isinstance(method, str) or method not in METHODS:
+        problems.append(f"method={method!r}: expected one of {', '.join(METHODS)}")
+    if name in configs:
+        problems.append(f"name={name!r}: an adapter of that name already exists")
+    if not isinstance(weights, Mapping):
+        example = ", ".join(f"{n!r}: 0.5" for n in list(configs)[:2]) or "'a': 0.5, 'b': 0.5"
+        problems.append(
+            f"weights={_short(weights)}: expected a mapping {{adapter name: weight}} "
+            f"such as {{{example}}}, got a {type(weights).__name__}"
+        )
+    elif not weights:
+        problems.append("weights: expected at least one {adapter: weight}")
+    else:
+        unknown = [n for n in weights if n not in configs]
+        if unknown:
+            problems.append(f"unknown adapter(s) {unknown}; adapters: {', '.join(configs)}")
+        for n, w in weights.items():
+            if not _is_number(w) or not math.isfinite(w):
+                problems.append(f"weight of {n!r}={w!r}: expected a finite number")
+        if method == "linear" and any(w < 0 for w in weights.values() if _is_number(w)):
+            problems.append("method='linear' needs non-negative weights (use 'cat' or 'svd')")
+    if not _is_number(density) or not 0.0 < density <= 1.0:
+        problems.append(f"density={density!r}: expected a number in (0, 1]")
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0):
+        problems.append(f"rank={rank!r}: expected a positive integer or None")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not -(2**63) <= seed < 2**64:
+        problems.append(f"seed={seed!r}: expected an integer that fits in 64 bits")
+    if problems:
+        raise ConfigError("cannot combine adapters:\n  - " + "\n  - ".join(problems))
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _factors(layer: LoraLayer, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -17,6 +17,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .errors import ConfigError, gather
+from .patterns import MAX_LENGTH, pattern_problem
 
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = ("kaiming", "gaussian")
@@ -367,7 +368,14 @@ def _check_regex(field: str, pattern: Any, problems: list[str]) -> None:
     if not isinstance(pattern, str) or not pattern:
         problems.append(f"{field} {pattern!r}: expected a non-empty string")
         return
+    if len(pattern) > MAX_LENGTH:  # before compiling: the compiler is not linear either
+        problems.append(f"{field} {pattern[:60]!r}... {pattern_problem(pattern)}")
+        return
     try:
         re.compile(pattern)
-    except re.error as exc:
+    except (re.error, RecursionError, OverflowError) as exc:
         problems.append(f"{field} {pattern!r} is not a valid regular expression: {exc}")
+        return
+    problem = pattern_problem(pattern)
+    if problem:
+        problems.append(f"{field} {pattern!r} {problem}")

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from . import layers as L
+from .adapter_memory import add_adapter, check_memory
 from .config import LoraConfig
 from .errors import AdapterError, MergeError, gather
 from .quant import QuantizedWeight, quantized_weights
@@ -157,13 +158,73 @@ def apply_lora(
     Adapters live in the base weight's dtype, except on float16/bfloat16 bases where they are kept
     in float32 for stable training (override with ``adapter_dtype``). If the model itself is the
     only targeted layer (a bare ``nn.Linear``), the returned object is its LoRA replacement.
-    Raises ``TargetError`` if a target matches nothing, naming the closest module names.
+    Raises ``TargetError`` if a target matches nothing, naming the closest module names, and
+    ``ConfigError`` if the adapters cannot fit in the device's memory.
+
+    All or nothing: if anything fails on the way (an allocation, a switch refused at the end),
+    every module replaced is put back, every adapter added is dropped and every
+    ``requires_grad`` flag restored before the error propagates.
     """
     check_adapter_name(adapter_name)
     if adapter_name in registry(model).configs:
         raise AdapterError(f"the model already has an adapter named {adapter_name!r}")
     the_plan = plan(model, config)
+    check_memory(model, the_plan, adapter_dtype)
+    undo = _Undo(model)
     adapters = registry(model, create=True)
+    try:
+        with adapters.transaction():
+            root, new_layers = _inject(
+                model, the_plan, config, adapter_name, adapter_dtype, undo, adapters.table
+            )
+            _set_trainable(root, config, adapter_name, new_layers)
+            move_registry(model, root)
+            adapters.set(adapter_name, config)
+            set_adapter(root, adapter_name)
+    except BaseException:
+        undo.rollback()
+        raise
+    return root
+
+
+class _Undo:
+    """What ``apply_lora`` changed so far, to put back in reverse order if it fails."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.steps: list = []
+        self.grads = [(p, p.requires_grad) for p in model.parameters()]
+        self.active = [(m, m.active_adapter) for _, m in _wrappers(model)]
+        self.had_registry = _REGISTRY in model.__dict__
+
+    def rollback(self) -> None:
+        for step in reversed(self.steps):
+            step()
+        for p, flag in self.grads:
+            p.requires_grad_(flag)
+        for module, name in self.active:
+            module.set_adapter(name)
+        if not self.had_registry:
+            self.model.__dict__.pop(_REGISTRY, None)
+
+    def put_back(self, layer: nn.Module, paths: list[str], original: nn.Module | None = None):
+        """``layer`` replaced the module now at ``paths``: give that module back (a LoRA layer
+        hands its base's tensors back with ``unload``)."""
+
+        def step():
+            module = original if original is not None else layer.unload()
+            for path in paths:
+                if path and self.model.get_submodule(path) is layer:
+                    _replace(self.model, path, module)
+
+        self.steps.append(step)
+
+    def drop(self, module: nn.Module, adapter_name: str) -> None:
+        self.steps.append(lambda: module.delete_adapter(adapter_name))
+
+
+def _inject(model, the_plan, config, adapter_name, adapter_dtype, undo: _Undo, table):
+    """Wrap the planned modules and add the adapter to each; returns (root, the LoRA layers)."""
     # A module object registered at several paths (a shared block) is wrapped once and the same
     # LoRA layer is put at every path, so the sharing survives.
     aliases: dict[int, list[str]] = {}
@@ -176,26 +237,32 @@ def apply_lora(
         if isinstance(module, L.LoraLayer):
             layer = module
         else:
-            layer = L.wrap(module, row.kind, row.slices, path=row.path, table=adapters.table)
-            for path in aliases.get(id(module), [row.path]):
+            layer = L.wrap(module, row.kind, row.slices, path=row.path, table=table)
+            paths = aliases.get(id(module), [row.path])
+            undo.put_back(layer, paths)
+            for path in paths:
                 if path:
                     _replace(root, path, layer)
                 else:
                     root = layer
-        dtype = adapter_dtype
-        if dtype is None and layer.weight.dtype in (torch.float16, torch.bfloat16):
-            dtype = torch.float32
-        record = L.AdapterRecord(row.r, row.alpha, row.scaling, float(config.dropout))
-        layer.add_adapter(adapter_name, record, config.init, dtype)
+        add_adapter(layer, row, config, adapter_name, adapter_dtype)
+        if layer is module:
+            undo.drop(layer, adapter_name)
         new_layers.append(layer)
     for path, _ in the_plan.saved:
         module = root.get_submodule(path)
         if not isinstance(module, L.SavedModule):
-            module = L.SavedModule(module, adapters.table)
-            _replace(root, path, module)
+            saved = L.SavedModule(module, table)
+            undo.put_back(saved, [path], original=module)
+            _replace(root, path, saved)
+            module = saved
         module.add_adapter(adapter_name)
+        undo.drop(module, adapter_name)
+    return root, new_layers
 
-    # Freeze everything that is not an adapter; then the bias mode opens some biases again.
+
+def _set_trainable(root: nn.Module, config: LoraConfig, adapter_name: str, new_layers) -> None:
+    """Freeze everything that is not an adapter; then the bias mode opens some biases again."""
     adapter_ids = {id(p) for p in adapter_parameters(root)}
     for p in root.parameters():
         if id(p) not in adapter_ids:
@@ -217,11 +284,6 @@ def apply_lora(
         for layer in new_layers:
             if layer.bias is not None:
                 layer.bias.requires_grad_(True)
-
-    move_registry(model, root)
-    adapters.set(adapter_name, config)
-    set_adapter(root, adapter_name)
-    return root
 
 
 def set_adapter(model: nn.Module, adapter_name: str | None) -> None:

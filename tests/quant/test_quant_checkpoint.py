@@ -184,7 +184,7 @@ def test_mismatches_are_reported():
         target.load_state_dict(partial)
     broken = dict(target.state_dict())
     del broken["weight.absmax"]
-    with pytest.raises(RuntimeError, match="weight: missing absmax"):
+    with pytest.raises(RuntimeError, match="weight.absmax is missing"):
         target.load_state_dict(broken)
 
 

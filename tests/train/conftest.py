@@ -97,3 +97,55 @@ def run_config(tmp_path, train_rows=None, eval_rows=None, **sections):
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
     return build(raw)
+
+
+class Quiet:
+    """A console that keeps what it is told instead of printing it."""
+
+    def __init__(self):
+        self.lines = []
+
+    def message(self, text):
+        self.lines.append(text)
+
+    def log(self, kind, step, values):
+        pass
+
+    def close(self):
+        pass
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashAt:
+    """A logger that raises :class:`Crash` when step ``step`` is logged (a run that dies)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def log(self, kind, step, values):
+        if kind == "train" and step == self.step:
+            raise Crash
+
+    def close(self):
+        pass
+
+
+def run(cfg, model=None, tokenizer=None, loggers=None, console=None):
+    """``train`` on a fresh tiny Llama (or ``model``), quietly."""
+    from lorakit.train import train
+
+    tokenizer = tokenizer or char_tokenizer()
+    model = model if model is not None else tiny_llama(len(tokenizer))
+    console = console if console is not None else Quiet()
+    return train(cfg, model=model, tokenizer=tokenizer, loggers=loggers, console=console)
+
+
+def resumed(cfg):
+    """``cfg`` with ``training.resume`` true."""
+    from lorakit.train.config import build
+
+    raw = cfg.to_dict()
+    return build({**raw, "training": {**raw["training"], "resume": True}})

@@ -129,3 +129,21 @@ def test_chat_without_a_template_sends_the_turns_as_plain_lines(adapters, capsys
         0
     ]
     assert answers == [first, second]
+
+
+@pytest.mark.parametrize("given", ["jsonl", "config"])
+def test_eval_names_invalid_utf8_by_file_and_line(tmp_path, capsys, monkeypatch, given):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the data was checked")
+
+    monkeypatch.setattr(lorakit.models, "load_model", refuse)
+    data = tmp_path / "held_out.jsonl"
+    data.write_bytes(
+        b'{"prompt": "d1", "completion": "1x"}\n{"prompt": "d\xff", "completion": "x"}\n'
+    )
+    (tmp_path / "c.yaml").write_text("data: {train: held_out.jsonl, eval: held_out.jsonl}\n")
+    argv = [str(data)] if given == "jsonl" else [str(tmp_path / "c.yaml")]
+    code = main(["eval", *argv])
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err
+    assert f"{data}:2: not valid UTF-8 (byte 0xff at column 14)" in err

@@ -49,6 +49,25 @@ def test_a_bad_data_line_fails_before_loading_a_model(files, capsys, no_model_lo
     assert "train.jsonl:9: field 'completion' is empty" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "name, line",
+    [
+        ("run.yaml", b"# caf\xe9\n"),
+        ("train.jsonl", b'{"text": "caf\xe9"}\n'),
+        ("eval.jsonl", b"\xff\n"),
+    ],
+)
+def test_invalid_utf8_is_a_clean_error_naming_file_and_line(
+    files, capsys, no_model_loading, name, line
+):
+    first, *rest = (files / name).read_bytes().splitlines(keepends=True)
+    (files / name).write_bytes(first + line + b"".join(rest))
+    code = lorakit_train(str(files / "run.yaml"))
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err
+    assert f"{files / name}:2: not valid UTF-8" in err
+
+
 def test_print_config_shows_the_resolved_config(files, capsys, no_model_loading):
     assert lorakit_train(str(files / "run.yaml"), "training.lr=1e-3", "--print-config") == 0
     out = capsys.readouterr().out
@@ -73,3 +92,19 @@ def test_train_runs_and_prints_before_and_after(files, capsys, monkeypatch):
     assert "exact match 0/4" in out
     assert (files / "out" / "adapter" / "adapter_config.json").is_file()
     assert (files / "out" / "report.md").is_file()
+
+
+def test_the_example_that_init_writes_trains_as_it_is(tmp_path, capsys, monkeypatch):
+    """``lorakit init --example date_demo`` then ``lorakit train date_demo.yaml``, without a clone
+    (the tiny model stands in for the embedded one; a few steps on a few rows)."""
+    tokenizer = char_tokenizer()
+    monkeypatch.setattr(
+        lorakit.models, "load_model", lambda *a, **k: (tiny_llama(len(tokenizer)), tokenizer)
+    )
+    monkeypatch.chdir(tmp_path)
+    assert main(["init", "--example", "date_demo"]) == 0
+    short = ["training.steps=2", "training.warmup_steps=0", "training.checkpoint_every=0"]
+    short += ["evaluation.max_rows=2", "evaluation.max_new_tokens=2", "output.plot=false"]
+    assert lorakit_train("date_demo.yaml", *short) == 0
+    assert "after training:  loss" in capsys.readouterr().out
+    assert (tmp_path / "runs" / "date_demo" / "adapter" / "adapter_config.json").is_file()

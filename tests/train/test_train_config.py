@@ -125,3 +125,20 @@ def test_schedule_warms_up_then_decays_to_the_floor(kind):
     assert values[total] == pytest.approx(1.0 if kind == "constant" else 0.1)
     if kind == "cosine":
         assert values[5 + 15 // 2] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + 0.10452846326765347))
+
+
+def test_invalid_utf8_in_the_config_names_file_and_line(data):
+    path = data / "run.yaml"
+    path.write_bytes(b"data: {train: train.jsonl}\n# caf\xe9 au lait\nlora: {r: 4}\n")
+    with pytest.raises(ConfigError, match=r"run.yaml:2: not valid UTF-8 \(byte 0xe9 at column 6\)"):
+        load_config(path)
+
+
+def test_early_stopping_needs_evaluations_during_training(data):
+    train = str(data / "train.jsonl")
+    with pytest.raises(ConfigError, match="training.early_stopping counts held-out evaluations"):
+        build({"data": {"train": train}, "training": {"early_stopping": 2}})
+    with pytest.raises(ConfigError, match="training.early_stopping=-1: must not be negative"):
+        build({"data": {"train": train}, "training": {"early_stopping": -1}})
+    cfg = build({"data": {"train": train, "eval": train}, "evaluation": {"every": 5}})
+    assert cfg.output.keep_best is True and cfg.training.early_stopping == 0

@@ -203,3 +203,15 @@ def test_batches_cover_every_row_each_epoch_and_resume_from_a_position(tokenizer
     assert [r.question for _ in range(2) for r in resumed.next()] == seen[12:20]
     with pytest.raises(DataError, match="written for 10 training rows"):
         Batches(rows[:5], 4, 1).load_state_dict(state)
+
+
+def test_invalid_utf8_in_a_line_names_file_and_line(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(
+        b'{"prompt": "a", "completion": "b"}\n{"prompt": "caf\xe9", "completion": "b"}\n{"bad\n'
+    )
+    with pytest.raises(DataError) as e:
+        read_jsonl(path)
+    assert f"{path}: 2 bad line(s)" in str(e.value)
+    assert f"{path}:2: not valid UTF-8 (byte 0xe9 at column 16)" in str(e.value)
+    assert f"{path}:3: bad JSON" in str(e.value)

@@ -13,37 +13,23 @@ import pytest
 import torch
 
 import lorakit
-from conftest import char_tokenizer, date_rows, run_config, tiny_llama
-from lorakit.train import TrainingError, train
+from conftest import (
+    Crash,
+    CrashAt,
+    char_tokenizer,
+    date_rows,
+    resumed,
+    run,
+    run_config,
+    tiny_llama,
+)
+from lorakit.train import TrainingError
 from lorakit.train.checkpoint import PREFIX, TMP_PREFIX, checkpoints
-from lorakit.train.config import build
 from lorakit.train.data import Formatter, collate, parse_line
 from lorakit.train.loss import token_loss
 from lorakit.train.metrics import read_metrics
 
 HERE = Path(__file__).parent
-
-
-class Quiet:
-    """A console that keeps what it is told instead of printing it."""
-
-    def __init__(self):
-        self.lines = []
-
-    def message(self, text):
-        self.lines.append(text)
-
-    def log(self, kind, step, values):
-        pass
-
-    def close(self):
-        pass
-
-
-def run(cfg, model=None, tokenizer=None, loggers=None):
-    tokenizer = tokenizer or char_tokenizer()
-    model = model if model is not None else tiny_llama(len(tokenizer))
-    return train(cfg, model=model, tokenizer=tokenizer, loggers=loggers, console=Quiet())
 
 
 def train_losses(out_dir):
@@ -148,22 +134,6 @@ RESUME = {
 }
 
 
-class Crash(Exception):
-    pass
-
-
-class CrashAt:
-    def __init__(self, step):
-        self.step = step
-
-    def log(self, kind, step, values):
-        if kind == "train" and step == self.step:
-            raise Crash
-
-    def close(self):
-        pass
-
-
 def test_resume_after_a_crash_reproduces_the_uninterrupted_losses(tmp_path):
     whole = run(run_config(tmp_path / "a", **RESUME))
     assert sorted(whole.losses) == list(range(1, 9))
@@ -177,13 +147,11 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_losses(tmp_path):
 
     with pytest.raises(TrainingError, match="holds an earlier run: pass training.resume=true"):
         run(cfg)
-    resumed = run(
-        build({**cfg.to_dict(), "training": {**cfg.to_dict()["training"], "resume": True}})
-    )
-    assert resumed.start_step == 3
-    assert resumed.losses == {s: whole.losses[s] for s in range(4, 9)}  # exactly, not close
+    again = run(resumed(cfg))
+    assert again.start_step == 3
+    assert again.losses == {s: whole.losses[s] for s in range(4, 9)}  # exactly, not close
     assert train_losses(out) == whole.losses  # metrics.jsonl reads as one run
-    assert resumed.after.loss == whole.after.loss
+    assert again.after.loss == whole.after.loss
 
 
 def test_resume_refuses_a_changed_config(tmp_path):
@@ -203,10 +171,7 @@ def test_a_partial_checkpoint_is_ignored_and_removed(tmp_path):
     partial = out / f"{TMP_PREFIX}000004-abc"  # what a kill during a checkpoint write leaves
     partial.mkdir()
     (partial / "trainable.safetensors").write_bytes(b"half")
-    resumed = run(
-        build({**cfg.to_dict(), "training": {**cfg.to_dict()["training"], "resume": True}})
-    )
-    assert resumed.start_step == 2 and not partial.exists()
+    assert run(resumed(cfg)).start_step == 2 and not partial.exists()
 
 
 KILLED_RUN = """
@@ -242,9 +207,9 @@ def test_resume_after_kill_9_reproduces_the_uninterrupted_losses(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     sections = {**RESUME, "training": {**RESUME["training"], "resume": True}}
-    resumed = run(run_config(tmp_path / "b", **sections))
-    assert resumed.start_step == 3
-    assert resumed.losses == {s: whole.losses[s] for s in range(4, 9)}
+    again = run(run_config(tmp_path / "b", **sections))
+    assert again.start_step == 3
+    assert again.losses == {s: whole.losses[s] for s in range(4, 9)}
     assert train_losses(tmp_path / "b" / "run") == whole.losses
 
 

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 EPILOG = """examples:
-  lorakit generate --base --adapter runs/date_demo/adapter \
+  lorakit generate --base --adapter runs/date_demo/adapter \\
       "Convert to ISO date (YYYY-MM-DD): 5 Mar 1987"
   lorakit generate --adapter runs/a/adapter --adapter runs/b/adapter - < prompts.txt
 """
@@ -23,12 +23,25 @@ EPILOG = """examples:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The options ``generate`` and ``eval`` share: base model, adapters, prompt format."""
     parser.add_argument(
-        "--model", default=None, help="a transformers directory or .gguf file (default: embedded)"
+        "--model",
+        default=None,
+        help="a transformers directory or .gguf file (default: the base the adapters record, "
+        "else the embedded model)",
     )
     parser.add_argument(
         "--adapter", action="append", default=[], metavar="DIR", help="an adapter (repeatable)"
     )
     parser.add_argument("--base", action="store_true", help="also answer with the base model")
+    parser.add_argument(
+        "--allow-base-mismatch",
+        action="store_true",
+        help="load adapters even if their fingerprint names another base model",
+    )
+    parser.add_argument(
+        "--allow-bin",
+        action="store_true",
+        help="read a legacy adapter_model.bin (torch.load with weights_only=True)",
+    )
     parser.add_argument("--system-prompt", default=None, help="a system turn put first")
     parser.add_argument(
         "--no-chat-template", action="store_true", help="send prompts without the chat template"
@@ -73,15 +86,34 @@ def load_with_adapters(args: argparse.Namespace):
     from ..io import load_adapter
     from ..models import load_model
 
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model or recorded_base(args.adapter))
     names = adapter_names(args.adapter)
     for directory, name in zip(args.adapter, names):
-        model = load_adapter(model, directory, adapter_name=name)
+        model = load_adapter(
+            model,
+            directory,
+            adapter_name=name,
+            allow_base_mismatch=args.allow_base_mismatch,
+            allow_bin=args.allow_bin,
+        )
     answerers: list[str | None] = list(names)
     if args.base or not names:
         answerers.insert(0, None)
     model.eval()
     return model, tokenizer, answerers
+
+
+def recorded_base(adapters: list[str]) -> str | None:
+    """The base model the adapters record (None: the embedded model); all must record the same."""
+    from ..errors import ConfigError
+    from ..io.base_models import adapter_base
+
+    hint = "pass the base model explicitly with --model"
+    bases = {d: adapter_base(d, hint) for d in adapters}
+    if len(set(bases.values())) > 1:
+        listed = ", ".join(f"{d}: {b or 'the embedded model'}" for d, b in bases.items())
+        raise ConfigError(f"the adapters record different base models ({listed}); {hint}")
+    return next(iter(bases.values()), None)
 
 
 def run(args: argparse.Namespace) -> int:

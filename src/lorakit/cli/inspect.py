@@ -16,6 +16,15 @@ import argparse
 HELP = "describe an adapter directory, or the plan of a config for a base model"
 
 _PLAN_OPTIONS = ("r", "alpha", "target", "target_regex", "exclude", "modules_to_save", "rslora")
+# The LoraConfig fields the plan options set, as errors name them, and the flags that set them
+# (target_modules: --target or --target-regex, whichever is given).
+KEYWORDS = {
+    "r": "--r",
+    "alpha": "--alpha",
+    "exclude_modules": "--exclude",
+    "modules_to_save": "--modules-to-save",
+    "use_rslora": "--rslora",
+}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -28,6 +37,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.set_defaults(run=run)
     parser.add_argument("path", metavar="PATH", help='adapter directory, base model or "default"')
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.add_argument(
+        "--allow-bin",
+        action="store_true",
+        help="read a legacy adapter_model.bin (torch.load with weights_only=True)",
+    )
     plan = parser.add_argument_group("plan options (for a base model)")
     plan.add_argument("--r", type=int, default=None, help="rank (default 8)")
     plan.add_argument("--alpha", type=float, default=None, help="alpha (default 16)")
@@ -56,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
             )
         from ..io.inspect import format_adapter, inspect_adapter
 
-        info = inspect_adapter(path)
+        info = inspect_adapter(path, allow_bin=args.allow_bin)
         print(json.dumps(info, indent=2) if args.json else format_adapter(info))
         return 0
 
@@ -66,6 +80,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.target is not None and args.target_regex is not None:
         raise ConfigError("--target and --target-regex: give one of them")
+    # errors about the config built from the plan options name those options (see main.with_flags)
+    args.keywords = {
+        **KEYWORDS,
+        "target_modules": "--target-regex" if args.target_regex else "--target",
+    }
     fields = {"r": args.r, "alpha": args.alpha, "use_rslora": args.rslora}
     fields["target_modules"] = args.target_regex or (
         args.target[0] if args.target == ["all-linear"] else args.target

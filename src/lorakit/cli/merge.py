@@ -1,11 +1,14 @@
 """Merge an adapter into its base model and write a plain transformers model directory.
 
     lorakit merge BASE ADAPTER OUT
-    lorakit merge ADAPTER OUT            (BASE omitted: the embedded default model)
+    lorakit merge ADAPTER OUT            (BASE omitted: the base the adapter records)
 
-BASE is a transformers model directory, a .gguf file or "default". OUT receives safetensors
-shards, config.json and the tokenizer files; transformers' from_pretrained loads it without
-lorakit, and its outputs equal the base with the adapter.
+BASE is a transformers model directory, a .gguf file or "default" (the embedded model). Without
+BASE, the adapter's base_model_name_or_path is used: a directory or .gguf file, the embedded
+model's id, or a hub id found in the local Hugging Face cache (nothing is downloaded).
+
+OUT receives safetensors shards, config.json and the tokenizer files; transformers'
+from_pretrained loads it without lorakit, and its outputs equal the base with the adapter.
 """
 
 from __future__ import annotations
@@ -19,12 +22,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser = subparsers.add_parser(
         "merge",
         help=HELP,
+        usage="%(prog)s [options] [BASE] ADAPTER OUT",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.set_defaults(run=run)
     parser.add_argument(
-        "paths", nargs="+", metavar="[BASE] ADAPTER OUT", help="base model, adapter, output"
+        "paths",
+        nargs="+",
+        metavar="[BASE] ADAPTER OUT",
+        help="two or three paths: the base model (optional), the adapter, the output directory",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it holds a model")
     parser.add_argument(
@@ -44,11 +51,16 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..errors import ConfigError
+    from ..io.base_models import adapter_base
     from ..io.export import export_merged
 
     if len(args.paths) not in (2, 3):
         raise ConfigError(f"expected [BASE] ADAPTER OUT, got {len(args.paths)} path(s)")
     base, adapter, out = (None, *args.paths) if len(args.paths) == 2 else args.paths
+    if len(args.paths) == 2:
+        base = adapter_base(
+            adapter, "pass the base model explicitly: lorakit merge BASE ADAPTER OUT"
+        )
     start = time.perf_counter()
     target = export_merged(
         base,

@@ -25,6 +25,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser = subparsers.add_parser(
         "train",
         help="fine-tune a model with LoRA, QLoRA or fully, from a YAML config",
+        usage="%(prog)s [options] [CONFIG.yaml] [section.key=value ...]",
         description=__doc__.split("\n\n")[0],
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -32,8 +33,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "items",
         nargs="*",
-        metavar="[config.yaml] [section.key=value]",
-        help="a YAML config file (optional) and dotted overrides, e.g. training.lr=1e-3",
+        metavar="[CONFIG.yaml] [section.key=value ...]",
+        help="a YAML config file (optional; lorakit init writes one) and dotted overrides, "
+        "e.g. training.lr=1e-3",
     )
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config and exit"
@@ -69,8 +71,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"before training: {result.before.line()}")
     if result.after is not None:
         print(f"after training:  {result.after.line()}")
-    done = result.steps - result.start_step
+    done = result.last_step - result.start_step
     print(f"{done} steps in {result.train_seconds:.1f} s; saved {result.saved}")
-    files = [result.out_dir / n for n in ("report.md", "metrics.jsonl", "loss.png")]
+    if result.kept_step != result.last_step:
+        print(
+            f"saved the parameters of step {result.kept_step} (lowest held-out loss "
+            f"{result.kept_loss:.4f}), not the last step's ({result.last_step})"
+        )
+    for warning in result.warnings:
+        print(f"warning: {warning}")
+    files = [result.out_dir / n for n in ("report.md", "summary.json", "metrics.jsonl", "loss.png")]
     print("wrote " + ", ".join(str(f) for f in files if f.exists()))
     return 0

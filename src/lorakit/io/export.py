@@ -67,6 +67,7 @@ def export_merged(
         model.save_pretrained(staged, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(staged)
+        safety.default_modes(staged)
         safety.publish(staged, target, replace)
     finally:
         if staged.exists():

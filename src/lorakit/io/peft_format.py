@@ -195,10 +195,14 @@ def task_type(model: nn.Module) -> str | None:
 
 
 def base_name(model: nn.Module) -> str | None:
-    """``base_model_name_or_path`` as PEFT writes it (the model's ``name_or_path``)."""
+    """``base_model_name_or_path``: the model's ``name_or_path``, as PEFT writes it, made a name
+    others can resolve (``lorakit.models.public_name``: the embedded model's hub id, never a path
+    in a cache); None for a model built in code."""
+    from ..models import public_name
+
     config = getattr(model, "config", None)
     name = getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None)
-    return str(name) if name else None
+    return public_name(name) if name else None
 
 
 def _lookup(patterns, path: str, default):

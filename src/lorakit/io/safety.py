@@ -21,6 +21,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
+import secrets
 import shutil
 import sys
 import tempfile
@@ -31,6 +33,13 @@ from ..errors import AdapterFileError
 # The files an adapter directory may hold (PEFT writes a README.md model card beside them).
 ADAPTER_FILES = frozenset(
     {"adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md"}
+)
+# The files a merged-model export may hold: what ``save_pretrained`` writes for the model
+# (config, generation config, safetensors shards and their index) and for a tokenizer.
+MODEL_FILES = re.compile(
+    r"(generation_)?config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json"
+    r"|(tokenizer|tokenizer_config|special_tokens_map|added_tokens|vocab|merges|spiece"
+    r"|sentencepiece\.bpe|chat_template)\.(json|txt|model|jinja)"
 )
 
 
@@ -67,9 +76,9 @@ def check_target(target: Path, overwrite: bool, kind: str = "adapter") -> bool:
 
     A missing target or an empty directory is always fine. A directory of the expected ``kind``
     is replaced only with ``overwrite``: an adapter directory holds only the files in
-    ``ADAPTER_FILES``, a model directory a ``config.json`` and no subdirectory. Anything else (a
-    file, a symbolic link, a directory holding other things) is never replaced: lorakit deletes
-    only what it could have written.
+    ``ADAPTER_FILES``, a model directory a ``config.json`` and only files ``MODEL_FILES`` names.
+    Anything else (a file, a symbolic link, a directory holding other things, such as a user's
+    notes) is never replaced: lorakit deletes only what it could have written.
     """
     if target.is_symlink():
         raise AdapterFileError(
@@ -85,15 +94,16 @@ def check_target(target: Path, overwrite: bool, kind: str = "adapter") -> bool:
     if kind == "adapter":
         others = [e for e in entries if e not in ADAPTER_FILES or (target / e).is_dir()]
     else:
-        others = [e for e in entries if (target / e).is_dir()]
+        others = [e for e in entries if not MODEL_FILES.fullmatch(e) or (target / e).is_dir()]
         if "config.json" not in entries:
-            others = others or ["no config.json"]
+            others = entries
     article = "an" if kind[0] in "aeiou" else "a"
     if others:
         shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
         raise AdapterFileError(
-            f"{target} is not empty and is not {article} {kind} directory ({shown}); lorakit only "
-            f"replaces {kind} directories. Choose another directory"
+            f"{target} is not empty and is not {article} {kind} directory: it holds files "
+            f"lorakit did not write ({shown}); lorakit only replaces {kind} directories, so "
+            "nothing was changed. Move those files or choose another directory"
         )
     if not overwrite:
         raise AdapterFileError(
@@ -106,7 +116,45 @@ def check_target(target: Path, overwrite: bool, kind: str = "adapter") -> bool:
 def staging_dir(target: Path) -> Path:
     """A new empty directory beside ``target``, for the files of step 1."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    return new_dir(target.parent, f".{target.name}.tmp-")
+
+
+def new_dir(parent: Path, prefix: str) -> Path:
+    """A new empty directory ``parent/<prefix><random>`` with the mode the umask gives (0755
+    under umask 022), as ``mkdir``, PEFT and transformers give theirs; ``tempfile.mkdtemp``'s
+    0700 would hide the published directory from other users, servers and containers."""
+    while True:
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            path.mkdir()  # mode 0o777, less the umask
+            return path
+        except FileExistsError:
+            continue
+
+
+def umask() -> int:
+    """The process's umask (read from /proc on Linux; else set and restored at once)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_modes(root: Path) -> None:
+    """Give ``root`` and everything in it the modes a plain ``mkdir`` and ``open`` give under the
+    umask (0755 and 0644 under umask 022): some writers (transformers' ``save_pretrained``) make
+    their files through ``mkstemp``, 0600, which would hide them from other users."""
+    mask = umask()
+    os.chmod(root, 0o777 & ~mask)
+    for path in root.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def write_file(path: Path, data: bytes) -> None:

@@ -12,12 +12,12 @@ imports bitsandbytes.
 """
 
 from .blockwise import BLOCKSIZES, NESTED_BLOCKSIZE
+from .checkpoint import load_quantized
 from .codebooks import NF4, QUANT_TYPES, codebook
 from .convert import (
     RequantError,
     dequantize,
     hf_quantization_config,
-    load_quantized,
     quantize,
     quantized_weights,
     requantization_errors,

@@ -167,55 +167,6 @@ def quantized_weights(model: nn.Module) -> Iterator[tuple[str, QuantizedWeight]]
             yield path, module
 
 
-def load_quantized(
-    model: nn.Module,
-    state_dict: dict[str, torch.Tensor],
-    *,
-    compute_dtype: torch.dtype | None = None,
-    strict: bool = True,
-    assign: bool = False,
-):
-    """Load a state dict in bitsandbytes' 4-bit layout into a full-precision model.
-
-    Each ``nn.Linear`` whose weight has a ``quant_state`` entry becomes a :class:`QuantLinear`
-    holding the checkpoint's codes as they are (nothing is re-quantized); then the whole state
-    dict is loaded (``strict`` and ``assign`` as in ``load_state_dict``). The model may be built
-    on the meta device, with ``assign=True``. Returns ``load_state_dict``'s result.
-    """
-    problems = []
-    for path, module in list(model.named_modules()):
-        prefix = f"{path}.weight" if path else "weight"
-        if not _is_linear(module) or not any(
-            k.startswith(prefix + ".quant_state.") for k in state_dict
-        ):
-            continue
-        entries = {
-            k[len(prefix) + 1 :] if k != prefix else "": v
-            for k, v in state_dict.items()
-            if k == prefix or k.startswith(prefix + ".")
-        }
-        try:
-            weight = QuantizedWeight.from_bnb(entries, compute_dtype)
-        except QuantError as exc:
-            problems.append(f"{prefix}: {exc}")
-            continue
-        if weight.shape != module.weight.shape:
-            problems.append(
-                f"{prefix}: the checkpoint holds shape {tuple(weight.shape)}, "
-                f"the model {tuple(module.weight.shape)}"
-            )
-            continue
-        if module.weight.device.type != "meta":
-            weight = weight.to(module.weight.device)
-        new = QuantLinear(weight, module.bias)
-        if not path:
-            model = new
-        else:
-            _replace_everywhere(model, module, new, [path])
-    gather(problems, QuantError, "cannot load the quantized checkpoint")
-    return model.load_state_dict(state_dict, strict=strict, assign=assign)
-
-
 def hf_quantization_config(model: nn.Module) -> dict:
     """The ``quantization_config`` transformers needs to load this model's 4-bit checkpoint.
 

@@ -34,11 +34,10 @@ from torch import nn
 
 from ..errors import QuantError
 from . import blockwise as bw
+from .bnb_state import NESTED_KEYS, QUANT_STATE, check_entries, read_fields
 from .codebooks import FOUR_BIT, bits_of, check_quant_type, codebook
 
 PACKED = "packed"  # where a layer hands the packed codes (its own ``weight`` key) to the weight
-_QUANT_STATE = "quant_state."
-_NESTED_KEYS = ("nested_absmax", "nested_quant_map")
 
 
 class QuantizedWeight(nn.Module):
@@ -214,42 +213,37 @@ class QuantizedWeight(nn.Module):
             fields["nested_offset"] = self.offset
         owner = "bitsandbytes" if self.quant_type in FOUR_BIT else "lorakit"
         text = json.dumps(fields).encode("utf-8")
-        out[f"{_QUANT_STATE}{owner}__{self.quant_type}"] = torch.tensor(
+        out[f"{QUANT_STATE}{owner}__{self.quant_type}"] = torch.tensor(
             list(text), dtype=torch.uint8, device=self.device
         )
         return out
 
     @classmethod
     def from_bnb(
-        cls, entries: dict[str, torch.Tensor], compute_dtype: torch.dtype | None = None
+        cls,
+        entries: dict[str, torch.Tensor],
+        compute_dtype: torch.dtype | None = None,
+        *,
+        key: str = "weight",
     ) -> QuantizedWeight:
-        """Read the entries of bitsandbytes' layout (keyed by suffix, "" the packed weight)."""
-        states = [k for k in entries if k.startswith(_QUANT_STATE)]
+        """Read the entries of bitsandbytes' layout (keyed by suffix, "" the packed weight).
+
+        Every entry is checked first (see :mod:`lorakit.quant.bnb_state`); a bad one is a
+        :class:`QuantError` naming it as ``key`` + suffix.
+        """
+        states = [k for k in entries if k.startswith(QUANT_STATE)]
         if len(states) != 1:
             raise QuantError(
-                f"expected one '{_QUANT_STATE}bitsandbytes__<type>' entry, found {states or 'none'}"
+                f"{key} needs one '{key}.{QUANT_STATE}bitsandbytes__<type>' entry, "
+                f"found {[f'{key}.{s}' for s in states] or 'none'}"
             )
-        try:
-            fields = json.loads(bytes(entries[states[0]].cpu().tolist()).decode("utf-8"))
-            quant_type, blocksize = fields["quant_type"], int(fields["blocksize"])
-            dtype = getattr(torch, fields["dtype"])
-            shape = tuple(fields["shape"])
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise QuantError(f"unreadable {states[0]} entry: {exc}") from None
-        missing = [k or "weight" for k in ("", "absmax", "quant_map") if k not in entries]
-        if missing:
-            raise QuantError(f"missing {', '.join(missing)}")
+        fields = read_fields(f"{key}.{states[0]}", entries[states[0]])
+        check_entries(key, entries, fields)
         packed = entries[""]
         if packed.dtype != torch.uint8:  # a quant_storage other than uint8: same bytes
             packed = packed.contiguous().view(torch.uint8)
         nested = {}
         if "nested_offset" in fields:
-            missing = [k for k in _NESTED_KEYS if k not in entries]
-            if missing or int(fields.get("nested_blocksize", 0)) != bw.NESTED_BLOCKSIZE:
-                raise QuantError(
-                    f"double quantization with block {fields.get('nested_blocksize')} and "
-                    f"missing {missing}; lorakit reads nested block 256 with both entries"
-                )
             nested = dict(
                 nested_absmax=entries["nested_absmax"].float(),
                 nested_code=entries["nested_quant_map"].float(),
@@ -259,10 +253,10 @@ class QuantizedWeight(nn.Module):
             packed.reshape(-1, 1),
             entries["absmax"],
             entries["quant_map"].float(),
-            shape=shape,
-            dtype=dtype,
-            quant_type=quant_type,
-            blocksize=blocksize,
+            shape=fields["shape"],
+            dtype=fields["dtype"],
+            quant_type=fields["quant_type"],
+            blocksize=fields["blocksize"],
             compute_dtype=compute_dtype,
             **nested,
         )
@@ -280,15 +274,18 @@ class QuantizedWeight(nn.Module):
         if packed is None:
             missing_keys.append(prefix[:-1])
             return
-        known = {"absmax", "quant_map", *_NESTED_KEYS}
-        states = [k for k in entries if k.startswith(_QUANT_STATE)]
+        known = {"absmax", "quant_map", *NESTED_KEYS}
+        states = [k for k in entries if k.startswith(QUANT_STATE)]
         unexpected_keys.extend(prefix + k for k in entries if k not in known and k not in states)
         try:
             if states:  # quantized entries: adopt them as they are
                 new = QuantizedWeight.from_bnb(
-                    {"": packed, **{k: v for k, v in entries.items() if k in known or k in states}}
+                    {"": packed, **{k: v for k, v in entries.items() if k in known or k in states}},
+                    key=prefix[:-1],
                 )
-            elif packed.is_floating_point():  # a full-precision weight: quantize it like this one
+            elif (
+                isinstance(packed, torch.Tensor) and packed.is_floating_point()
+            ):  # a full-precision weight: quantize it like this one
                 new = QuantizedWeight.quantize(
                     packed,
                     self.quant_type,
@@ -296,9 +293,10 @@ class QuantizedWeight(nn.Module):
                     double_quant=self.double_quant,
                 )
             else:
-                raise QuantError(f"a {packed.dtype} weight without its quantization state")
+                kind = packed.dtype if isinstance(packed, torch.Tensor) else type(packed).__name__
+                raise QuantError(f"{prefix[:-1]}: a {kind} weight without its quantization state")
         except QuantError as exc:
-            errors.append(f"{prefix[:-1]}: {exc}")
+            errors.append(str(exc))
             return
         if new.shape != self.shape:
             errors.append(

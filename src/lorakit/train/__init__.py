@@ -9,7 +9,10 @@
 * ``schedule``: warmup, then cosine or linear decay;
 * ``loop``: :func:`train`, the loop itself;
 * ``evaluate``: held-out loss and exact match by greedy generation;
-* ``checkpoint``: atomic checkpoints and exact resume;
+* ``requirements``: the packages a run needs, checked before any weight loads;
+* ``output``: the output directory, and how a lorakit run is recognised;
+* ``checkpoint``, ``resume``: atomic checkpoints, exact resume, damaged checkpoints skipped;
+* ``best``: the step with the lowest held-out loss, and early stopping;
 * ``metrics``, ``progress``: the logger interface, ``metrics.jsonl``, the console;
 * ``plot``, ``report``: ``loss.png`` and ``report.md``;
 * ``dates``: an example task generator (dates to ISO format).

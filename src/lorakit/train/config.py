@@ -77,6 +77,7 @@ class TrainingSection:
     log_every: int = 10
     checkpoint_every: int = 0
     resume: bool = False
+    early_stopping: int = 0  # stop after this many held-out evaluations without a better loss
 
 
 @dataclass(frozen=True)
@@ -95,13 +96,16 @@ class EvaluationSection:
 
 @dataclass(frozen=True)
 class OutputSection:
-    """Where the adapter, checkpoints, ``metrics.jsonl``, the plot and ``report.md`` go."""
+    """Where the adapter, checkpoints, ``metrics.jsonl``, the plot and ``report.md`` go.
+    ``keep_best``: with held-out evaluations during training (``evaluation.every``), the saved
+    adapter is the one with the lowest held-out loss, not the last step's."""
 
     dir: str = "runs/lorakit"
     keep_checkpoints: int = 2
     overwrite: bool = False
     plot: bool = True
     report: bool = True
+    keep_best: bool = True
 
 
 @dataclass(frozen=True)
@@ -141,7 +145,7 @@ POSITIVE = set(
 )
 NON_NEGATIVE = set(
     "training.weight_decay training.warmup_steps training.min_lr_ratio training.checkpoint_every "
-    "evaluation.every evaluation.samples output.keep_checkpoints".split()
+    "training.early_stopping evaluation.every evaluation.samples output.keep_checkpoints".split()
 )
 DATA_PATHS = ("train", "eval")
 
@@ -155,6 +159,9 @@ def valid_keys() -> dict[str, list[str]]:
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
     """The validated config from a YAML file (or defaults) and ``section.key=value`` overrides."""
+    from .requirements import require
+
+    require({"yaml": "reading the training config"})
     import yaml
 
     raw: dict[str, Any] = {}
@@ -163,7 +170,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            raw = yaml.safe_load(_read_utf8(path)) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(raw, dict):
@@ -189,6 +196,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
             target[name] = value
     gather(problems, ConfigError, "bad command-line override")
     return build(raw, source=str(path) if path else "config")
+
+
+def _read_utf8(path: Path) -> str:
+    """The text of ``path``; invalid UTF-8 is a :class:`ConfigError` naming ``file:line``."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ConfigError(
+            f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at column {column}); "
+            "save the file as UTF-8"
+        ) from None
 
 
 def build(raw: dict[str, Any], source: str = "config") -> TrainConfig:
@@ -313,6 +334,11 @@ def _cross_checks(built: dict[str, Any], problems: list[str]) -> None:
         problems.append(f"training.min_lr_ratio={training.min_lr_ratio}: must be at most 1")
     if evaluation.every and data.eval is None:
         problems.append("evaluation.every is set but there is no data.eval file to evaluate on")
+    if training.early_stopping and not (evaluation.every and data.eval is not None):
+        problems.append(
+            "training.early_stopping counts held-out evaluations: it needs data.eval and "
+            "evaluation.every > 0"
+        )
     if training.method == "qlora":
         import lorakit
 

@@ -70,11 +70,11 @@ def read_jsonl(path: str | Path) -> list[Example]:
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     examples, problems = [], []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
             where = f"{path}:{number}"
             try:
-                examples.append(parse_line(line, where))
+                examples.append(parse_line(decode_line(raw, where), where))
             except DataError as e:
                 problems.append(str(e))
     if problems:
@@ -87,6 +87,17 @@ def read_jsonl(path: str | Path) -> list[Example]:
     if not examples:
         raise DataError(f"{path}: the file has no rows")
     return examples
+
+
+def decode_line(raw: bytes, where: str) -> str:
+    """One line's bytes as text; invalid UTF-8 is a :class:`DataError` naming ``where``."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+            "save the file as UTF-8"
+        ) from None
 
 
 def parse_line(line: str, where: str) -> Example:

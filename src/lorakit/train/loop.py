@@ -1,8 +1,9 @@
 """The training loop: one function, :func:`train`, to read from top to bottom.
 
-    data → model → method (lora / qlora / full) → tokens → optimizer and schedule → (resume) →
-    evaluate before → steps (accumulate, clip, step, log, evaluate, checkpoint) → evaluate after →
-    adapter, plot, report
+    packages, data, output directory → model → method (lora / qlora / full) → tokens → optimizer
+    and schedule → (resume) → evaluate before → steps (accumulate, clip, step, log, evaluate, keep
+    the best, checkpoint, stop early) → the best step's parameters → evaluate after → adapter,
+    summary, plot, report
 
 No framework and no callbacks: what happens at each step is written out below. Reporting goes
 through :class:`~lorakit.train.metrics.MetricLogger` (``log(kind, step, values)``).
@@ -13,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,28 +22,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError, LorakitError
+from ..errors import ConfigError
 from ..model import apply_lora, count_parameters
 from . import checkpoint, schedule
+from .best import BestKeeper
 from .config import TrainConfig
 from .data import IGNORE, Batches, Formatter, collate, encode_all, pack, read_jsonl
 from .evaluate import EvalResult, evaluate, heldout_loss
 from .loss import token_loss
 from .metrics import JsonlLogger, MetricLogger, read_metrics
+from .output import TrainingError, prepare, write_text
 from .progress import Console
 from .report import peak_memory_mb, render
-
-# Settings a resumed run may change; any other difference from the checkpoint's config is an error.
-RESUMABLE = set(
-    "training.resume training.log_every training.checkpoint_every training.threads model.device "
-    "output.keep_checkpoints output.overwrite output.plot output.report evaluation.before "
-    "evaluation.exact_match evaluation.max_rows evaluation.batch_size evaluation.max_new_tokens "
-    "evaluation.samples".split()
-)
-
-
-class TrainingError(LorakitError, RuntimeError):
-    """Training cannot start or cannot go on (an occupied output directory, a diverged loss)."""
+from .requirements import check_requirements
+from .resume import resume
 
 
 @dataclass
@@ -59,6 +51,11 @@ class TrainResult:
     train_seconds: float = 0.0
     peak_memory_mb: float = 0.0
     saved: Path | None = None  # the adapter directory (or the model, for method "full")
+    warnings: list[str] = field(default_factory=list)  # what went wrong without losing the run
+    last_step: int = 0  # the last step trained (before ``steps`` when stopped early)
+    kept_step: int = 0  # the step whose parameters were saved (the best, with output.keep_best)
+    kept_loss: float | None = None  # its held-out loss
+    stopped_early: bool = False  # by training.early_stopping
 
 
 def train(
@@ -75,16 +72,19 @@ def train(
     cfg, tc, ec = config, config.training, config.evaluation
     out = Path(cfg.output.dir)
 
-    # 1. Data, read and checked before any weight is loaded.
+    # 1. Packages, data and the output directory, checked before any weight is loaded.
+    say = console.message if console else print
+    check_requirements(cfg, load_model=model is None)
     train_examples = read_jsonl(cfg.data.train)
     eval_examples = read_jsonl(cfg.data.eval) if cfg.data.eval else []
     eval_examples = eval_examples[: ec.max_rows] if ec.max_rows else eval_examples
-    resume_from = _prepare_output(out, tc.resume, cfg.output.overwrite)
+    prepare(out, tc.resume, cfg.output.overwrite)
+    if tc.resume:
+        read_metrics(out / "metrics.jsonl")  # a damaged line is an error now, not after loading
 
     # 2. The model, then the method: LoRA adapters, a 4-bit base with adapters, or every weight.
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    say = console.message if console else print
     model_name = cfg.model.source or "SmolLM2-135M-Instruct (embedded)"
     if model is not None:
         model_name = f"a {type(model).__name__} given in code"
@@ -126,16 +126,15 @@ def train(
     scheduler = schedule.build(optimizer, steps, tc.warmup_steps, tc.schedule, tc.min_lr_ratio)
     batches = Batches(train_rows, tc.batch_size, tc.seed)
     start, before = 0, None
-    if resume_from is not None:
-        tensors, state = checkpoint.load(resume_from)
-        _check_same_run(state["notes"]["config"], cfg, resume_from)
-        checkpoint.restore_parameters(model, tensors, resume_from)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        batches.load_state_dict(state["data"])
-        checkpoint.set_rng_state(state["rng"])
-        start, before = state["step"], _eval_from_dict(state["notes"]["before"])
-        say(f"resumed from {resume_from.name} at step {start} of {steps}")
+    # the best held-out loss so far (evaluations during training), its parameters, early stopping
+    keeper = BestKeeper(tc.early_stopping, cfg.output.keep_best) if ec.every and eval_rows else None
+    restored = None
+    if tc.resume:
+        restored = resume(out, cfg, model, optimizer, scheduler, batches, say, keeper)
+    if restored is not None:
+        saved, before = restored
+        start = saved.state["step"]
+        say(f"resumed from {saved.path.name} at step {start} of {steps}")
 
     loggers = list(loggers or [])
     loggers.append(JsonlLogger(out / "metrics.jsonl", keep_until=start or None))
@@ -160,9 +159,12 @@ def train(
 
     # 5. The steps.
     result = TrainResult(out, steps, start, before=before, trainable=trainable, total=total)
+    last = start
+    # resumed from the checkpoint an early stop wrote: nothing left to train
+    result.stopped_early = keeper is not None and keeper.exhausted
     model.train()
     t_train = time.perf_counter()
-    for step in range(start + 1, steps + 1):
+    for step in range(start + 1, (start if result.stopped_early else steps) + 1):
         t0 = time.perf_counter()
         micro = [_to(collate(batches.next(), pad), device) for _ in range(tc.grad_accum)]
         n_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
@@ -193,9 +195,13 @@ def train(
             "seconds": seconds,
         }
         log("train", step, values)
-        if ec.every and step % ec.every == 0 and step < steps:
-            log("eval", step, {"loss": heldout_loss(model, eval_rows, ec.batch_size, pad)})
-        if tc.checkpoint_every and (step % tc.checkpoint_every == 0 or step == steps):
+        last = step
+        if keeper is not None and step % ec.every == 0 and step < steps:
+            heldout = heldout_loss(model, eval_rows, ec.batch_size, pad)
+            log("eval", step, {"loss": heldout})
+            keeper.update(step, heldout, model)
+        stop = keeper is not None and keeper.exhausted
+        if tc.checkpoint_every and (step % tc.checkpoint_every == 0 or step == steps or stop):
             notes = {"config": cfg.to_dict(), "before": _eval_dict(before)}
             checkpoint.save(
                 out,
@@ -206,56 +212,120 @@ def train(
                 data_position=batches.state_dict(),
                 notes=notes,
                 keep=cfg.output.keep_checkpoints,
+                extra={"best": keeper.state_dict() if keeper else None},
+                best=keeper.checkpoint_tensors(step) if keeper else None,
             )
+        if stop:
+            result.stopped_early = True
+            say(
+                f"early stopping at step {step}: no lower held-out loss in {keeper.stale} "
+                f"evaluations (training.early_stopping={tc.early_stopping}); the best was "
+                f"{keeper.loss:.4f} at step {keeper.step}"
+            )
+            break
     result.train_seconds = time.perf_counter() - t_train
+    result.last_step = result.kept_step = last
 
-    # 6. After: evaluate, save, draw, report.
+    # 6. After: keep the best step's parameters, evaluate, save, draw, report.
+    if keeper is not None:
+        if keeper.evaluated != last:  # the last step is compared too
+            heldout = heldout_loss(model, eval_rows, ec.batch_size, pad)
+            if not keeper.update(last, heldout, model) and cfg.output.keep_best:
+                log("eval", last, {"loss": heldout})  # else the final evaluation logs it
+        if cfg.output.keep_best and keeper.step is not None and keeper.step != last:
+            keeper.restore(model)
+            result.kept_step, result.kept_loss = keeper.step, keeper.loss
+            say(
+                f"keeping the parameters of step {keeper.step} (held-out loss "
+                f"{keeper.loss:.4f}, the lowest); the last step's was higher"
+            )
     if eval_rows:
         console.message(f"evaluating the trained model on {len(eval_rows)} rows ...")
         result.after = evaluate(model, tokenizer, eval_rows, **eval_args)
-        log("eval", steps, _eval_values(result.after))
+        log("eval", result.kept_step, _eval_values(result.after))
+        if result.kept_loss is None:
+            result.kept_loss = result.after.loss
     for logger in loggers:
         logger.close()
     result.saved = save_trained(model, tokenizer, out, tc.method)
     result.peak_memory_mb = peak_memory_mb()
-    records = read_metrics(out / "metrics.jsonl")
-    plot = None
-    if cfg.output.plot:
-        from .plot import plot_losses
-
-        plot = plot_losses(records, out / "loss.png", title=out.name)
-    if cfg.output.report:
-        done = [r for r in records if r["kind"] == "train" and r["step"] > start]
-        summary = {
-            "name": out.name,
-            "model": model_name,
-            "method": tc.method,
-            "trainable": trainable,
-            "total": total,
-            "train_rows": len(train_examples),
-            "eval_rows": len(eval_rows),
-            "truncated": truncated,
-            "max_length": cfg.data.max_length,
-            "steps": steps,
-            "batch_rows": rows_per_step,
-            "start_step": start,
-            "train_seconds": result.train_seconds,
-            "step_seconds": result.train_seconds / max(len(done), 1),
-            "tokens_per_s": sum(r["tokens"] for r in done) / max(result.train_seconds, 1e-9),
-            "total_seconds": time.perf_counter() - t_begin,
-            "peak_memory_mb": result.peak_memory_mb,
-            "device": str(device),
-            "final_loss": next(
-                (r["loss"] for r in reversed(records) if r["kind"] == "train"), float("nan")
-            ),
-            "plot": plot,
-            "config_yaml": cfg.to_yaml(),
-        }
-        (out / "report.md").write_text(render(summary, result.before, result.after))
-        evals = {"before": _eval_dict(result.before), "after": _eval_dict(result.after)}
-        record = {k: v for k, v in summary.items() if k != "config_yaml"} | evals
-        (out / "summary.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    rows = (len(train_examples), len(eval_rows), truncated)
+    _write_results(result, cfg, model_name, rows, t_begin, say)
     return result
+
+
+def _write_results(
+    result: TrainResult,
+    cfg: TrainConfig,
+    model_name: str,
+    rows: tuple[int, int, int],
+    t_begin: float,
+    say: Any,
+) -> None:
+    """``summary.json`` first, then ``loss.png`` and ``report.md``. The adapter and the metrics are
+    on disk already: a plot or report that fails (a broken matplotlib, an odd value) is a warning
+    that names what failed, and the run still ends with its results."""
+    out, tc, start = result.out_dir, cfg.training, result.start_step
+    train_rows, eval_rows, truncated = rows  # training rows, held-out rows, truncated rows
+    records = read_metrics(out / "metrics.jsonl")
+    done = [r for r in records if r["kind"] == "train" and r["step"] > start]
+    summary = {
+        "name": out.name,
+        "model": model_name,
+        "method": tc.method,
+        "trainable": result.trainable,
+        "total": result.total,
+        "train_rows": train_rows,
+        "eval_rows": eval_rows,
+        "truncated": truncated,
+        "max_length": cfg.data.max_length,
+        "steps": result.steps,
+        "batch_rows": tc.batch_size * tc.grad_accum,
+        "start_step": start,
+        "train_seconds": result.train_seconds,
+        "step_seconds": result.train_seconds / max(len(done), 1),
+        "tokens_per_s": sum(r["tokens"] for r in done) / max(result.train_seconds, 1e-9),
+        "total_seconds": time.perf_counter() - t_begin,
+        "peak_memory_mb": result.peak_memory_mb,
+        "device": str(_device(cfg.model.device)),
+        "final_loss": next(
+            (r["loss"] for r in reversed(records) if r["kind"] == "train"), float("nan")
+        ),
+        "last_step": result.last_step,
+        "kept_step": result.kept_step,
+        "kept_loss": result.kept_loss,
+        "kept": "lowest held-out loss" if result.kept_step != result.last_step else "last step",
+        "stopped_early": result.stopped_early,
+        "plot": None,
+        "warnings": result.warnings,
+    }
+    evals = {"before": _eval_dict(result.before), "after": _eval_dict(result.after)}
+
+    def write_summary() -> None:
+        record = summary | evals
+        write_text(out / "summary.json", json.dumps(record, indent=2, default=str) + "\n")
+
+    if cfg.output.report:
+        write_summary()
+    if cfg.output.plot:
+        try:
+            from .plot import plot_losses
+
+            summary["plot"] = str(plot_losses(records, out / "loss.png", title=out.name))
+        except Exception as e:  # noqa: BLE001 - any failure of the plot must not lose the run
+            _warn(result, say, f"the loss plot (loss.png) was not drawn: {type(e).__name__}: {e}")
+    if cfg.output.report:
+        try:
+            text = render(summary | {"config_yaml": cfg.to_yaml()}, result.before, result.after)
+            write_text(out / "report.md", text)
+        except Exception as e:  # noqa: BLE001 - any failure of the report must not lose the run
+            _warn(result, say, f"the report (report.md) was not written: {type(e).__name__}: {e}")
+        write_summary()
+
+
+def _warn(result: TrainResult, say: Any, text: str) -> None:
+    result.warnings.append(text)
+    say(f"warning: {text}")
 
 
 def prepare_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
@@ -294,23 +364,6 @@ def save_trained(model: nn.Module, tokenizer: Any, out: Path, method: str) -> Pa
     return save_adapter(model, out / "adapter", overwrite=True)
 
 
-def _prepare_output(out: Path, resume: bool, overwrite: bool) -> Path | None:
-    """The checkpoint to resume from (or None), after checking the output directory is free."""
-    checkpoint.remove_partial(out)
-    found = checkpoint.checkpoints(out)
-    if resume:
-        return found[-1] if found else None
-    earlier = found or (out / "metrics.jsonl").exists()
-    if earlier and not overwrite:
-        raise TrainingError(
-            f"output.dir {str(out)!r} holds an earlier run: pass training.resume=true to continue "
-            "it, output.overwrite=true to start over, or choose another output.dir"
-        )
-    for path in found:
-        shutil.rmtree(path)
-    return None
-
-
 def _device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -319,21 +372,6 @@ def _device(name: str) -> torch.device:
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
-
-
-def _check_same_run(saved: dict[str, dict], cfg: TrainConfig, where: Path) -> None:
-    now = cfg.to_dict()
-    changed = [
-        f"{section}.{key}: {saved[section].get(key)!r} -> {value!r}"
-        for section, values in now.items()
-        for key, value in values.items()
-        if f"{section}.{key}" not in RESUMABLE and saved.get(section, {}).get(key) != value
-    ]
-    if changed:
-        raise TrainingError(
-            f"{where} was written with a different config; resuming would not continue the same "
-            "run. Changed: " + "; ".join(changed)
-        )
 
 
 def _eval_values(r: EvalResult) -> dict[str, Any]:
@@ -353,7 +391,3 @@ def _eval_dict(r: EvalResult | None) -> dict[str, Any] | None:
         "samples": r.samples,
         "seconds": r.seconds,
     }
-
-
-def _eval_from_dict(d: dict[str, Any] | None) -> EvalResult | None:
-    return None if d is None else EvalResult(**d)

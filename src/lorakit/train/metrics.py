@@ -15,6 +15,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..errors import LorakitError
+
+
+class MetricsError(LorakitError, ValueError):
+    """A line of ``metrics.jsonl`` is not a metrics record."""
+
 
 class MetricLogger(Protocol):
     def log(self, kind: str, step: int, values: Mapping[str, Any]) -> None: ...
@@ -50,17 +56,26 @@ class JsonlLogger:
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The records of a ``metrics.jsonl`` file (none if it does not exist). A last line cut off by
-    a killed process is left out; any other bad line is an error."""
+    a killed process is left out; any other bad line is a :class:`MetricsError` naming
+    ``file:line``."""
     path = Path(path)
     if not path.is_file():
         return []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = path.read_bytes().splitlines()
     records = []
     for number, line in enumerate(lines, start=1):
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            record = json.loads(line.decode("utf-8"))
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not a record with a step")
+            if not isinstance(record.get("kind"), str):
+                raise ValueError("not a record with a kind")
+            records.append(record)
+        except ValueError as e:  # UnicodeDecodeError and JSONDecodeError too
             if number == len(lines):
                 break
-            raise
+            raise MetricsError(
+                f"{path}:{number}: damaged metrics record ({e}); delete that line (or the file) "
+                "to go on"
+            ) from None
     return records

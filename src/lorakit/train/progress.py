@@ -3,7 +3,8 @@
 On a terminal, one ``tqdm`` bar shows the step, the loss, the learning rate, tokens per second and
 the estimated time left. When the output is a file or a pipe (a CI log, ``nohup``), a bar would be
 noise, so a plain line is printed every ``every`` steps instead, with the same figures. Either way
-evaluations and messages are printed on their own lines.
+evaluations and messages are printed on their own lines. Without ``tqdm`` installed (it comes with
+``lorakit[train]``), a terminal gets the plain lines too.
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ class Console:
         use_bar = self.stream.isatty() if bar is None else bar
         self.bar = None
         if use_bar:
-            from tqdm import tqdm
-
+            try:
+                from tqdm import tqdm
+            except ImportError:  # optional (lorakit[train]): plain lines instead of a bar
+                return
             self.bar = tqdm(
                 total=total, initial=start, unit="step", file=self.stream, dynamic_ncols=True
             )

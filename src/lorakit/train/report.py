@@ -32,7 +32,9 @@ def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _eval_rows(before: EvalResult | None, after: EvalResult | None) -> list[str]:
+def _eval_rows(
+    before: EvalResult | None, after: EvalResult | None, after_label: str = "after training"
+) -> list[str]:
     def loss(r):
         return "-" if r is None or r.loss is None else f"{r.loss:.4f}"
 
@@ -42,11 +44,34 @@ def _eval_rows(before: EvalResult | None, after: EvalResult | None) -> list[str]
         return f"{r.exact}/{r.total} ({100 * r.accuracy:.1f}%)"
 
     return [
-        "| | before training | after training |",
+        f"| | before training | {after_label} |",
         "|---|---|---|",
         f"| held-out loss | {loss(before)} | {loss(after)} |",
         f"| exact match | {exact(before)} | {exact(after)} |",
     ]
+
+
+def _kept(s: dict[str, Any]) -> bool:
+    return s.get("kept_step") is not None and s.get("kept_step") != s.get("last_step")
+
+
+def _kept_lines(s: dict[str, Any]) -> list[str]:
+    lines = []
+    if s.get("stopped_early"):
+        lines.append(
+            f"- stopped early at step {s['last_step']}: the held-out loss stopped falling "
+            "(training.early_stopping)"
+        )
+    if _kept(s):
+        lines.append(
+            f"- saved adapter: step {s['kept_step']}, the lowest held-out loss "
+            f"({s['kept_loss']:.4f}), not the last step {s['last_step']} (output.keep_best)"
+        )
+    return lines
+
+
+def _after_label(s: dict[str, Any]) -> str:
+    return f"after training (step {s['kept_step']}, kept)" if _kept(s) else "after training"
 
 
 def render(summary: dict[str, Any], before: EvalResult | None, after: EvalResult | None) -> str:
@@ -66,12 +91,13 @@ def render(summary: dict[str, Any], before: EvalResult | None, after: EvalResult
         f"{s['tokens_per_s']:,.0f} tokens/s), {s['total_seconds']:.1f} s in all",
         f"- peak memory: {s['peak_memory_mb']:,.0f} MB ({s['device']})",
         f"- final training loss: {s['final_loss']:.4f}",
+        *_kept_lines(s),
         f"- torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"Python {platform.python_version()}",
         "",
         "## Evaluation",
         "",
-        *_eval_rows(before, after),
+        *_eval_rows(before, after, _after_label(s)),
     ]
     samples_after = after.samples if after else []
     if samples_after:
