@@ -66,6 +66,7 @@ def save_adapter(
     """
     from .. import __version__
 
+    check_adapter_name(adapter_name)
     target = safety.check_path(directory, "adapter directory")
     configs = adapter_configs(model)
     if adapter_name not in configs:
@@ -217,7 +218,7 @@ def _read_bin(path: Path, config: dict, legacy: Path) -> AdapterFile:
         raise AdapterFileError(
             f"{legacy} was refused by torch.load(weights_only=True) (not only tensors, or not "
             f"a PyTorch file: truncated, corrupted, or text?): {type(exc).__name__}: "
-            f"{safety.shown(exc, 300)}"
+            f"{str(exc)[:300]}"
         ) from None
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()

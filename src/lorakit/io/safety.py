@@ -50,13 +50,14 @@ PATH_MAX = 4096  # bytes in a whole path (Linux)
 MAX_JSON_DEPTH = 64  # nesting of a JSON document lorakit reads (an adapter config needs 3)
 
 
-def shown(text: Any, limit: int = 100) -> str:
-    """``repr(str(text))``, shortened in the middle when longer than ``limit``."""
-    text = str(text)
+def shown(value: Any, limit: int = 100) -> str:
+    """``repr`` of a value (of a path as a string), shortened in the middle past ``limit``."""
+    text = os.fspath(value) if isinstance(value, os.PathLike) else value
     quoted = repr(text)
     if len(quoted) <= limit:
         return quoted
-    return f"{quoted[: limit - 30]}...{quoted[-20:]} ({len(text)} characters)"
+    size = f" ({len(text)} characters)" if isinstance(text, str) else ""
+    return f"{quoted[: limit - 30]}...{quoted[-20:]}{size}"
 
 
 def check_path(path: str | os.PathLike, what: str = "path") -> Path:
