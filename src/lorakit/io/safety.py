@@ -115,16 +115,18 @@ def read_json(text: str, source: str) -> Any:
         ) from None
     except ValueError as exc:
         raise AdapterFileError(f"{source} is not valid JSON: {exc}") from None
-    level = [data]
-    for _ in range(MAX_JSON_DEPTH + 1):
+    level = [data] if isinstance(data, (dict, list)) else []
+    for _ in range(MAX_JSON_DEPTH):  # one level of containers per step, without recursion
+        if not level:
+            return data
         level = [
             v
             for item in level
-            if isinstance(item, (dict, list))
             for v in (item.values() if isinstance(item, dict) else item)
+            if isinstance(v, (dict, list))
         ]
-        if not level:
-            return data
+    if not level:
+        return data
     raise AdapterFileError(
         f"{source} nests deeper than {MAX_JSON_DEPTH} levels; not a lorakit or PEFT document"
     )
