@@ -80,6 +80,32 @@ def test_hotswap_refuses_non_finite_values(saved, tmp_path):
     assert torch.equal(logits(served, x), logits(model, x))
 
 
+def test_values_beyond_the_range_of_the_model_s_dtype_are_refused(saved, tmp_path):
+    """Finite in the file (float64), infinite once copied into the float32 adapter."""
+    directory, model = saved
+
+    def huge(tensors):
+        tensors[B0] = tensors[B0].double()
+        tensors[B0][0, 0] = 1e300
+
+    rewrite(directory, huge)
+    message = assert_refused(directory, AdapterFileError, "beyond torch.float32's range")
+    assert f"{B0}: values beyond" in message
+    served = randomise(lorakit.apply_lora(tiny_llama(), CONFIG), seed=5)
+    before = adapter_state(served)
+    with pytest.raises(AdapterFileError, match=f"{B0}: values beyond torch.float32's range"):
+        lorakit.hotswap_adapter(served, directory)
+    # a scale so large that B, folded by the swap, leaves float32's range
+    lorakit.save_adapter(model, tmp_path / "loud")
+    config_path = tmp_path / "loud" / "adapter_config.json"
+    config_path.write_text(
+        config_path.read_text().replace('"lora_alpha": 8', '"lora_alpha": 1e300')
+    )
+    with pytest.raises(AdapterFileError, match=f"{B0}: values beyond torch.float32's range"):
+        lorakit.hotswap_adapter(served, tmp_path / "loud")
+    assert all(torch.equal(before[k], v) for k, v in adapter_state(served).items())
+
+
 # -- fingerprints that cannot be read -----------------------------------------------------------
 BAD_FINGERPRINTS = {
     "not JSON": "{'modules': ",
@@ -136,6 +162,15 @@ def test_a_config_nested_too_deep_is_refused(saved, depth):
     assert str(path) in message
     with pytest.raises(AdapterFileError, match="nests deeper"):
         lorakit.inspect_adapter(directory)
+
+
+@pytest.mark.parametrize("task", [["CAUSAL_LM"], {"a": 1}, 5])
+def test_a_task_type_that_is_not_a_string(saved, task):
+    directory, _ = saved
+    path = directory / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "task_type": task}))
+    message = assert_refused(directory, AdapterFileError, "task_type is .*; expected a string")
+    assert str(path) in message
 
 
 def test_lorakit_config_metadata_nested_too_deep_is_refused(saved):

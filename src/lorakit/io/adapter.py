@@ -176,6 +176,12 @@ def _read(path: Path, allow_bin: bool, tensors: bool) -> AdapterFile:
         raise AdapterFileError(
             f"{config_path} must hold a JSON object, not {type(config).__name__}"
         )
+    task = config.get("task_type")
+    if task is not None and not isinstance(task, str):
+        raise AdapterFileError(
+            f"{config_path}: task_type is {safety.shown(task, 60)}; expected a string such as "
+            "'CAUSAL_LM', or null"
+        )
     weights = path / WEIGHTS_FILE
     if weights.is_file():
         return _read_safetensors(path, config, weights, tensors)
@@ -310,6 +316,17 @@ def check_finite(file: AdapterFile) -> None:
         )
 
 
+def overflow(key: str, value: torch.Tensor, target: torch.Tensor) -> str:
+    """A problem line when the finite ``value`` would not be finite in ``target``'s dtype (a
+    float64 value beyond float32's range, say), else ``""``."""
+    if not (value.is_floating_point() and target.is_floating_point()):
+        return ""
+    if bool(torch.isfinite(value.to(target.dtype)).all()):
+        return ""
+    limit = torch.finfo(target.dtype).max
+    return f"{key}: values beyond {target.dtype}'s range (±{limit:.3g}) of the model's tensor"
+
+
 def _check_base(model: nn.Module, file: AdapterFile, allow: bool) -> None:
     try:
         saved = file.fingerprint
@@ -411,6 +428,10 @@ def _load_tensors(model: nn.Module, file: AdapterFile, name: str, bias: str) -> 
         if not torch.equal(slot.target.detach(), value.to(slot.target.device, slot.target.dtype)):
             values.append((slot, value))
             replaced.append(key.removeprefix(PREFIX))
+    too_large = [overflow(slot.key, value, slot.target) for slot, value in values]
+    if any(too_large):
+        header = f"the adapter at {file.directory} does not fit {type(model).__name__}"
+        raise AdapterFileError(_listing(header, [p for p in too_large if p]))
     with torch.no_grad():
         for slot, value in values:
             slot.target.copy_(value)

@@ -47,6 +47,7 @@ from .adapter import (
     _without_absent_task_modules,
     adapter_path,
     check_finite,
+    overflow,
     read_adapter,
 )
 from .peft_format import PREFIX, _compact_B, slots
@@ -182,6 +183,9 @@ def _new_values(model, file, name, bias, layers, rows, path) -> list[tuple[torch
             except AdapterFileError as exc:
                 problems.append(str(exc))
                 continue
+        if too_large := overflow(key, value, slot.target):
+            problems.append(too_large)
+            continue
         writes.append((slot.target, value))
     for key in shapes:
         if key in required:
