@@ -200,5 +200,4 @@ def test_kill_9_mid_save_leaves_a_staging_directory_the_next_save_removes(tmp_pa
     model = randomise(lorakit.apply_lora(tiny_llama(), CONFIG))
     lorakit.save_adapter(model, tmp_path / "another")  # a save of another name, same parent
     assert staged_in(tmp_path) == []
-    expected = {"another"} | ({"adapter"} if target.exists() else set())
-    assert {p.name for p in tmp_path.iterdir()} == expected
+    assert (tmp_path / "another" / "adapter_model.safetensors").is_file()
