@@ -91,7 +91,7 @@ def create(target: Path) -> Path:
     parent.mkdir(parents=True, exist_ok=True)
     clean(parent)
     prefix = hidden_prefix(target, "tmp")
-    while True:
+    for _ in range(100):
         path = new_dir(parent, prefix)
         try:
             fd = _lock(path, wait=True)
@@ -108,6 +108,7 @@ def create(target: Path) -> Path:
                 _held[str(path)] = fd
             return path
         os.close(fd)  # a cleaner removed it between mkdir and the lock: make another
+    raise FileExistsError(f"staging directories in {parent} keep disappearing")  # pragma: no cover
 
 
 def release(path: Path) -> None:
@@ -153,10 +154,11 @@ def _remove_if_stale(path: Path) -> bool:
     info = os.lstat(path)
     if not stat.S_ISDIR(info.st_mode):
         return False
-    fd = _lock(path, wait=False)
     try:
-        if fd is False:  # a live save holds it
-            return False
+        fd = _lock(path, wait=False)
+    except BlockingIOError:  # a live save holds it
+        return False
+    try:
         if fd is None and time.time() - info.st_mtime < STALE_AFTER:
             return False
         with os.scandir(path) as it:
@@ -167,13 +169,13 @@ def _remove_if_stale(path: Path) -> bool:
         shutil.rmtree(path, ignore_errors=True)
         return not path.exists()
     finally:
-        if fd not in (None, False):
+        if fd is not None:
             os.close(fd)
 
 
-def _lock(path: Path, *, wait: bool) -> int | None | bool:
-    """An open descriptor of ``path`` holding its exclusive lock; ``None`` where locks are not
-    available; ``False`` when ``wait`` is off and another descriptor holds the lock."""
+def _lock(path: Path, *, wait: bool) -> int | None:
+    """An open descriptor of ``path`` holding its exclusive lock, or ``None`` where locks are not
+    available. Without ``wait``, ``BlockingIOError`` when another descriptor holds the lock."""
     if fcntl is None:  # pragma: no cover
         return None
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | os.O_NOFOLLOW)
@@ -181,7 +183,7 @@ def _lock(path: Path, *, wait: bool) -> int | None | bool:
         fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
     except BlockingIOError:
         os.close(fd)
-        return False
+        raise
     except OSError:  # the file system does not lock
         os.close(fd)
         return None
