@@ -186,7 +186,7 @@ def test_cli_inspect_of_a_config_nested_too_deep_is_a_clean_error(saved):
     script = "import sys; from lorakit.cli.main import main; sys.exit(main(sys.argv[1:]))"
     run = run_python(script, "inspect", str(directory))
     err = run.stderr.decode()
-    assert run.returncode in (1, 2), err[-2000:]  # the CLI's exit status for lorakit errors
+    assert run.returncode == 2, err[-2000:]  # the CLI's exit status for lorakit errors
     assert "Traceback" not in err and "RecursionError" not in err
     assert f"lorakit inspect: error: {directory / 'adapter_config.json'} nests deeper" in err
 
