@@ -9,8 +9,8 @@ import nothing heavy at module level (transformers, safetensors and the model co
 
 Errors lorakit raises on purpose (bad input, a file that does not fit) print one message and exit
 with status 2, as usage errors do (argparse's status), so scripts tell them from a crash (1).
-A message that names a keyword argument of the library (``overwrite=True``) names the command's flag instead (``--overwrite``):
-each command's flags are read from its parser, so a flag and the keyword it sets share a name; a
+A message that names a keyword argument of the library (``overwrite=True``) names the
+command's flag instead (``--overwrite``): each command's flags are read from its parser, so a flag and the keyword it sets share a name; a
 command whose flags build a library object under other names sets ``args.keywords`` ({library
 name: flag}, see ``with_flags``) before it builds it.
 When the reader of the output goes away (``lorakit inspect DIR --json | head``), the command stops
