@@ -69,7 +69,7 @@ def test_existing_files_are_replaced_only_with_force(tmp_path, monkeypatch, caps
     target = tmp_path / "lorakit.yaml"
     target.write_text("mine\n")
     monkeypatch.chdir(tmp_path)
-    assert main(["init"]) == 1
+    assert main(["init"]) == 2
     assert "lorakit.yaml already exists; pass --force to replace" in capsys.readouterr().err
     assert target.read_text() == "mine\n"
     assert main(["init", "--force"]) == 0
@@ -89,7 +89,7 @@ def test_the_example_and_its_data_are_written_beside_each_other(tmp_path, monkey
     resolved = yaml.safe_load(capsys.readouterr().out)
     assert Path(resolved["data"]["train"]).resolve() == tmp_path / "data/dates/train.jsonl"
 
-    assert main(["init", "--example", "date_demo"]) == 1  # all three exist now
+    assert main(["init", "--example", "date_demo"]) == 2  # all three exist now
     err = capsys.readouterr().err
     assert "date_demo.yaml, data/dates/train.jsonl, data/dates/held_out.jsonl already exist" in err
 
@@ -109,7 +109,7 @@ def test_a_failed_write_leaves_no_file_behind(tmp_path, monkeypatch, capsys):
         real_fsync(fd)
 
     monkeypatch.setattr(init_command.os, "fsync", disk_full_on_the_second_file)
-    assert main(["init", "--example", "date_demo"]) == 1
+    assert main(["init", "--example", "date_demo"]) == 2
     assert "No space left on device" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # neither the first file nor any temporary file
 

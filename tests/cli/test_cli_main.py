@@ -96,12 +96,12 @@ def test_help_into_a_closed_pipe_is_quiet():
 def test_errors_name_the_flag_not_the_keyword_argument(adapter, tmp_path, capsys):
     base, out = tmp_path / "base", tmp_path / "out"
     assert main(["merge", str(base), str(adapter), str(out)]) == 0
-    assert main(["merge", str(base), str(adapter), str(out)]) == 1
+    assert main(["merge", str(base), str(adapter), str(out)]) == 2
     err = capsys.readouterr().err
     assert "pass --overwrite to replace it" in err and "overwrite=True" not in err
 
     tiny_llama(seed=1).save_pretrained(tmp_path / "other")  # another base: another fingerprint
-    assert main(["merge", str(tmp_path / "other"), str(adapter), str(tmp_path / "o2")]) == 1
+    assert main(["merge", str(tmp_path / "other"), str(adapter), str(tmp_path / "o2")]) == 2
     err = capsys.readouterr().err
     assert "pass --allow-base-mismatch to load it anyway" in err
     assert "allow_base_mismatch" not in err
@@ -119,7 +119,7 @@ def test_a_legacy_bin_adapter_names_the_allow_bin_flag(adapter, capsys):
     weights = adapter / "adapter_model.safetensors"
     torch.save(load_file(weights), adapter / "adapter_model.bin")
     weights.unlink()
-    assert main(["inspect", str(adapter)]) == 1
+    assert main(["inspect", str(adapter)]) == 2
     err = capsys.readouterr().err
     assert "Pass --allow-bin to read it" in err and "allow_bin" not in err
     assert main(["inspect", str(adapter), "--allow-bin"]) == 0
@@ -128,13 +128,13 @@ def test_a_legacy_bin_adapter_names_the_allow_bin_flag(adapter, capsys):
 
 def test_plan_errors_name_the_plan_options(adapter, tmp_path, capsys):
     base = str(tmp_path / "base")
-    assert main(["inspect", base, "--target", "q_proj", "nothing_here"]) == 1
+    assert main(["inspect", base, "--target", "q_proj", "nothing_here"]) == 2
     assert "--target entry 'nothing_here' matches no module" in capsys.readouterr().err
-    assert main(["inspect", base, "--target-regex", "("]) == 1
+    assert main(["inspect", base, "--target-regex", "("]) == 2
     assert "--target-regex '(' is not a valid regular expression" in capsys.readouterr().err
-    assert main(["inspect", base, "--modules-to-save", "nope"]) == 1
+    assert main(["inspect", base, "--modules-to-save", "nope"]) == 2
     assert "--modules-to-save entry 'nope' matches no module" in capsys.readouterr().err
-    assert main(["inspect", base, "--alpha", "-1"]) == 1
+    assert main(["inspect", base, "--alpha", "-1"]) == 2
     err = capsys.readouterr().err
     assert "--alpha -1.0: expected a positive" in err and "alpha=" not in err
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 import lorakit
@@ -19,6 +22,42 @@ def snapshot(root: Path) -> dict[str, str]:
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
+
+
+def model_state(model: nn.Module):
+    """Everything about a model that a failed load must leave alone."""
+    return (
+        sorted(model.state_dict()),
+        [p.requires_grad for p in model.parameters()],
+        [type(m).__name__ for m in model.modules()],
+        lorakit.list_adapters(model),
+        lorakit.active_adapter(model),
+    )
+
+
+def assert_refused(directory, error, match, model=None, **kwargs) -> str:
+    """Loading fails with ``error`` matching ``match``; the disk and the model are unchanged.
+    Returns the message."""
+    model = tiny_llama() if model is None else model
+    before_disk, before_model = snapshot(directory.parent), model_state(model)
+    with pytest.raises(error, match=match) as info:
+        lorakit.load_adapter(model, directory, **kwargs)
+    assert snapshot(directory.parent) == before_disk
+    assert model_state(model) == before_model
+    return str(info.value)
+
+
+def rewrite(directory: Path, change=None, metadata: dict[str, str] | None = None) -> None:
+    """Apply ``change(tensors)`` to an adapter file's tensors and set the ``metadata`` entries
+    given; the rest of the file is kept."""
+    path = directory / "adapter_model.safetensors"
+    with safe_open(path, framework="pt") as f:
+        kept = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if change is not None:
+        change(tensors)
+    kept.update(metadata or {})
+    save_file(tensors, path, kept)
 
 
 def adapter_state(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:

@@ -9,8 +9,8 @@ import textwrap
 
 import pytest
 import torch
-from io_models import adapter_state, snapshot
-from safetensors.torch import load_file, save_file
+from io_models import adapter_state, assert_refused, rewrite, snapshot
+from safetensors.torch import load_file
 
 import lorakit
 from lorakit import AdapterError, AdapterFileError, ConfigError, LoraConfig
@@ -27,40 +27,6 @@ def saved(tmp_path):
     model = randomise(lorakit.apply_lora(tiny_llama(), CONFIG))
     lorakit.save_adapter(model, tmp_path / "adapter")
     return tmp_path / "adapter", model
-
-
-def model_state(model):
-    """Everything about a model that a failed load must leave alone."""
-    return (
-        sorted(model.state_dict()),
-        [p.requires_grad for p in model.parameters()],
-        [type(m).__name__ for m in model.modules()],
-        lorakit.list_adapters(model),
-        lorakit.active_adapter(model),
-    )
-
-
-def assert_refused(directory, error, match, model=None, **kwargs):
-    """Loading fails with ``error`` matching ``match``; the disk and the model are unchanged."""
-    model = tiny_llama() if model is None else model
-    before_disk, before_model = snapshot(directory.parent), model_state(model)
-    with pytest.raises(error, match=match) as info:
-        lorakit.load_adapter(model, directory, **kwargs)
-    assert snapshot(directory.parent) == before_disk
-    assert model_state(model) == before_model
-    return str(info.value)
-
-
-def rewrite(directory, change):
-    """Apply ``change(tensors)`` to the adapter's tensors, keeping its metadata."""
-    from safetensors import safe_open
-
-    path = directory / "adapter_model.safetensors"
-    with safe_open(path, "pt") as f:
-        metadata = f.metadata()
-    tensors = load_file(path)
-    change(tensors)
-    save_file(tensors, path, metadata=metadata)
 
 
 def edit_config(directory, **changes):
@@ -369,7 +335,7 @@ def test_interrupted_save_keeps_the_old_adapter(saved, monkeypatch, where):
 
         monkeypatch.setattr(safety.os, "replace", replace)
     new = randomise(lorakit.apply_lora(tiny_llama(), CONFIG), seed=9)
-    with pytest.raises(OSError, match="No space left|Input/output"):
+    with pytest.raises(AdapterFileError, match="no space left on device|input/output error"):
         lorakit.save_adapter(new, directory, overwrite=True)
     monkeypatch.undo()
     assert snapshot(directory.parent) == before  # old files intact, no temporary left

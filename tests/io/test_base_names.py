@@ -136,7 +136,7 @@ def test_a_missing_recorded_base_is_a_clear_error(trained, tmp_path):
         (["generate", "--adapter", adapter, "--no-chat-template", "w1"], "--model"),
     ):
         run = cli(*argv)
-        assert run.returncode == 1, run.stderr
+        assert run.returncode == 2, run.stderr
         assert repr(str(base)) in run.stderr and "does not exist" in run.stderr
         assert f"{PASS_BASE}: {how}" in run.stderr or f"{PASS_BASE} with {how}" in run.stderr
         assert "Traceback" not in run.stderr
@@ -153,7 +153,7 @@ def test_a_hub_id_resolves_through_the_local_cache_only(trained, tmp_path):
     env = {"HF_HUB_CACHE": str(hub)}
 
     run = cli("merge", adapter, tmp_path / "out", env=env)
-    assert run.returncode == 1 and "'someorg/tiny-base'" in run.stderr
+    assert run.returncode == 2 and "'someorg/tiny-base'" in run.stderr
     assert "nor a hub model in the local Hugging Face cache" in run.stderr
     assert PASS_BASE in run.stderr
     assert not (tmp_path / "out").exists()
@@ -176,7 +176,7 @@ def test_adapters_recording_different_bases_need_model(trained, tmp_path):
     model, _ = load_model(other)
     lorakit.save_adapter(lorakit.apply_lora(model, CONFIG), tmp_path / "b")
     run = cli("generate", "--adapter", adapter, "--adapter", tmp_path / "b", "w1")
-    assert run.returncode == 1 and "record different base models" in run.stderr
+    assert run.returncode == 2 and "record different base models" in run.stderr
     assert "--model" in run.stderr
 
 

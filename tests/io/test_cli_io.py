@@ -33,7 +33,7 @@ def test_merge(files, tmp_path, capsys):
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     torch.testing.assert_close(logits(merged, tokens(128)), logits(adapted, tokens(128)))
     # a second run refuses, then replaces when asked
-    assert main(["merge", str(base), str(adapter), str(tmp_path / "out")]) == 1
+    assert main(["merge", str(base), str(adapter), str(tmp_path / "out")]) == 2
     assert "overwrite" in capsys.readouterr().err
     argv = ["merge", str(base), str(adapter), str(tmp_path / "out"), "--overwrite"]
     assert main([*argv, "--dtype", "float16"]) == 0
@@ -41,14 +41,14 @@ def test_merge(files, tmp_path, capsys):
 
 def test_merge_errors(files, tmp_path, capsys):
     base, adapter, _ = files
-    assert main(["merge", str(tmp_path / "out")]) == 1
+    assert main(["merge", str(tmp_path / "out")]) == 2
     assert "expected [BASE] ADAPTER OUT" in capsys.readouterr().err
-    assert main(["merge", str(base), str(tmp_path / "missing"), str(tmp_path / "out")]) == 1
+    assert main(["merge", str(base), str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "lorakit merge: error:" in err and "does not exist" in err
-    assert main(["merge", str(tmp_path / "nobase"), str(adapter), str(tmp_path / "out")]) == 1
+    assert main(["merge", str(tmp_path / "nobase"), str(adapter), str(tmp_path / "out")]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert main(["merge", str(base), str(adapter), str(tmp_path / "o"), "--dtype", "int8"]) == 1
+    assert main(["merge", str(base), str(adapter), str(tmp_path / "o"), "--dtype", "int8"]) == 2
     assert "floating dtype" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
 
@@ -109,16 +109,16 @@ def test_inspect_base_plan(files, capsys):
 
 def test_inspect_errors(files, tmp_path, capsys):
     base, adapter, _ = files
-    assert main(["inspect", str(adapter), "--r", "4"]) == 1
+    assert main(["inspect", str(adapter), "--r", "4"]) == 2
     assert "plan options apply to a base model" in capsys.readouterr().err
-    assert main(["inspect", str(base), "--target", "nothing_here"]) == 1
+    assert main(["inspect", str(base), "--target", "nothing_here"]) == 2
     assert "matches no module" in capsys.readouterr().err
-    assert main(["inspect", str(base), "--r", "0"]) == 1
+    assert main(["inspect", str(base), "--r", "0"]) == 2
     assert "--r 0: expected a positive integer" in capsys.readouterr().err
-    assert main(["inspect", str(tmp_path / "missing")]) == 1
+    assert main(["inspect", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
     (adapter / "adapter_model.safetensors").write_bytes(b"garbage")
-    assert main(["inspect", str(adapter)]) == 1
+    assert main(["inspect", str(adapter)]) == 2
     assert "not a valid safetensors file" in capsys.readouterr().err
 
 

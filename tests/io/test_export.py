@@ -173,7 +173,7 @@ def test_overwrite_keeps_a_directory_holding_the_users_own_files(llama, tmp_path
     assert str(out) in str(err.value) and "did not write (eval, notes.txt)" in str(err.value)
     from lorakit.cli.main import main
 
-    assert main(["merge", str(base), str(adapter), str(out), "--overwrite"]) == 1
+    assert main(["merge", str(base), str(adapter), str(out), "--overwrite"]) == 2
     assert "notes.txt" in capsys.readouterr().err
     assert snapshot(tmp_path) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "merged"]

@@ -10,9 +10,7 @@ import warnings
 
 import pytest
 import torch
-from io_models import adapter_state
-from safetensors import safe_open
-from safetensors.torch import save_file
+from io_models import adapter_state, rewrite
 from torch import nn
 
 import lorakit
@@ -417,16 +415,6 @@ def test_a_merged_adapter_is_refused(tmp_path):
     with pytest.raises(MergeError, match="unmerge before hot-swapping"):
         lorakit.hotswap_adapter(model, new)
     assert_unchanged(model, before)
-
-
-def rewrite(directory, change):
-    """Rewrite an adapter file's tensors with ``change(tensors)``, keeping its metadata."""
-    path = directory / "adapter_model.safetensors"
-    with safe_open(path, framework="pt") as f:
-        metadata = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    change(tensors)
-    save_file(tensors, path, metadata)
 
 
 def test_a_broken_file_is_refused_whole(tmp_path):

@@ -127,7 +127,7 @@ def test_training_from_a_truncated_model_source_is_a_clean_error(llama_dir, tmp_
         timeout=300,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
-    assert run.returncode == 1, run.stderr[-3000:]
+    assert run.returncode == 2, run.stderr[-3000:]
     assert f"{weights} is not a valid safetensors file" in run.stderr
     assert "Traceback" not in run.stderr
 

@@ -71,7 +71,7 @@ def test_eval_with_a_config_uses_its_eval_file(adapters, capsys, tmp_path):
         "".join(f'{{"text": "{r["prompt"]}"}}\n' for r in date_rows(3))
     )
     config.write_text("data: {train: t.jsonl}\n")
-    assert main(["eval", str(config)]) == 1
+    assert main(["eval", str(config)]) == 2
     assert "data.eval is not set" in capsys.readouterr().err
     assert main(["eval", str(config), f"data.eval={tmp_path / 't.jsonl'}"]) == 0
     out = capsys.readouterr().out

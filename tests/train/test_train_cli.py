@@ -35,7 +35,7 @@ def files(tmp_path):
 def test_a_bad_config_fails_fast_without_loading_a_model(files, capsys, no_model_loading):
     code = lorakit_train(str(files / "run.yaml"), "training.lr=fast", "lora.rank=2", "x.y=1")
     err = capsys.readouterr().err
-    assert code == 1
+    assert code == 2
     assert "invalid training config (3 problems)" in err
     assert "training.lr='fast': expected a number" in err
     assert "unknown key lora.rank; valid keys: r, alpha" in err
@@ -45,7 +45,7 @@ def test_a_bad_config_fails_fast_without_loading_a_model(files, capsys, no_model
 def test_a_bad_data_line_fails_before_loading_a_model(files, capsys, no_model_loading):
     with (files / "train.jsonl").open("a") as f:
         f.write('{"prompt": "p", "completion": ""}\n')
-    assert lorakit_train(str(files / "run.yaml")) == 1
+    assert lorakit_train(str(files / "run.yaml")) == 2
     assert "train.jsonl:9: field 'completion' is empty" in capsys.readouterr().err
 
 

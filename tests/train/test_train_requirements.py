@@ -62,7 +62,7 @@ def test_a_missing_package_fails_fast_with_the_command_that_installs_it(
     tmp_path, model_dir, blocked, says, command
 ):
     proc = lorakit_train(tmp_path, model_dir, blocked=blocked)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "lorakit train: error: this run needs package(s) that are not installed" in proc.stderr
     assert says in proc.stderr and command in proc.stderr
     assert "loaded" not in proc.stdout  # no weight was loaded

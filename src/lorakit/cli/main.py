@@ -8,11 +8,11 @@ import nothing heavy at module level (transformers, safetensors and the model co
 ``run``), so building the parser and ``--help`` stay fast.
 
 Errors lorakit raises on purpose (bad input, a file that does not fit) print one message and exit
-with status 1; usage errors exit with status 2, as argparse does. A message that names a keyword
-argument of the library (``overwrite=True``) names the command's flag instead (``--overwrite``):
-each command's flags are read from its parser, so a flag and the keyword it sets share a name; a
-command whose flags build a library object under other names sets ``args.keywords`` ({library
-name: flag}, see ``with_flags``) before it builds it.
+with status 2, as usage errors do (argparse's status), so scripts tell them from a crash (1). A
+message that names a keyword argument of the library (``overwrite=True``) names the command's flag
+instead (``--overwrite``): each command's flags are read from its parser, so a flag and the keyword
+it sets share a name; a command whose flags build a library object under other names sets
+``args.keywords`` ({library name: flag}, see ``with_flags``) before it builds it.
 When the reader of the output goes away (``lorakit inspect DIR --json | head``), the command stops
 quietly with status 141 (128 + SIGPIPE), as a Unix tool killed by SIGPIPE does, so a pipeline
 under ``set -o pipefail`` still sees that the output was cut short. Help texts are the commands'
@@ -169,7 +169,7 @@ def _run(argv: Sequence[str] | None) -> int:
         raise
     except (LorakitError, OSError) as exc:
         print(f"lorakit {args.command}: error: {said(exc)}", file=sys.stderr)
-        return 1
+        return 2
 
 
 def _discard_output() -> None:

@@ -2,7 +2,8 @@
 
 ``save_adapter`` / ``load_adapter`` (``adapter``) write and read PEFT adapter directories through
 the key mapping of ``peft_format``, with the base model's ``fingerprint`` in the file and the
-crash-safe writes of ``safety``. ``export_merged`` (``export``) writes a plain transformers model
+crash-safe writes of ``safety`` (whose staging directories ``staging`` makes, locks and cleans
+after a killed save). ``export_merged`` (``export``) writes a plain transformers model
 directory with an adapter folded in; ``inspect_adapter`` (``inspect``) describes an adapter
 directory without loading a model; ``hotswap_adapter`` (``hotswap``) replaces a loaded adapter's
 weights in place from another directory, without recompiling a compiled model;

@@ -6,9 +6,11 @@ all load it. The safetensors metadata adds lorakit's records, which PEFT ignores
 ``lorakit.version``, ``lorakit.fingerprint`` (the base model, see ``fingerprint``) and, for
 fused-slice adapters only, ``lorakit.config`` (the lorakit config, which PEFT's keys cannot say).
 
-Loading is strict: every tensor the adapter needs must be in the file with its shape, and every
-tensor in the file must belong somewhere; otherwise one ``AdapterFileError`` lists them all with
-the likely cause, and the model is left as it was.
+Loading is strict: every tensor the adapter needs must be in the file with its shape, every
+tensor in the file must belong somewhere, and every floating-point value must be finite (a NaN or
+an infinity would make the model output NaN); otherwise one ``AdapterFileError`` lists them all
+with the likely cause, and the model is left as it was. A fingerprint that cannot be read is an
+error too (see :func:`load_adapter`), never a reason to skip the base model check.
 """
 
 from __future__ import annotations
@@ -58,10 +60,13 @@ def save_adapter(
     The files are written to a temporary directory beside ``directory`` and renamed into place, so
     a crash leaves the previous adapter or the new one, never a mix. An existing adapter directory
     is replaced only with ``overwrite=True``; a directory holding other files never is.
-    Returns the directory.
+    A write that fails (no space left on device, ...) raises ``AdapterFileError`` naming the
+    directory and leaves nothing behind. Returns the directory.
     """
     from .. import __version__
 
+    check_adapter_name(adapter_name)
+    target = safety.check_path(directory, "adapter directory")
     configs = adapter_configs(model)
     if adapter_name not in configs:
         known = ", ".join(configs) or "none"
@@ -87,16 +92,16 @@ def save_adapter(
         metadata[CONFIG_KEY] = json.dumps(config.to_dict(), sort_keys=True)
     config_text = json.dumps(peft_dict, indent=2, sort_keys=True) + "\n"
 
-    target = Path(directory)
-    replace = safety.check_target(target, overwrite)
-    staged = safety.staging_dir(target)
-    try:
-        safety.write_tensors(staged / WEIGHTS_FILE, tensors, metadata)
-        safety.write_file(staged / CONFIG_FILE, config_text.encode())
-        safety.publish(staged, target, replace)
-    finally:
-        if staged.exists():
-            safety.discard(staged)
+    with safety.os_errors(f"cannot save the adapter to {target}", "; nothing was changed"):
+        replace = safety.check_target(target, overwrite)
+        staged = safety.staging_dir(target)
+        try:
+            safety.write_tensors(staged / WEIGHTS_FILE, tensors, metadata)
+            safety.write_file(staged / CONFIG_FILE, config_text.encode())
+            safety.publish(staged, target, replace)
+        finally:
+            if staged.exists():
+                safety.discard(staged)
     return target
 
 
@@ -119,7 +124,8 @@ class AdapterFile:
         own = self.metadata.get(CONFIG_KEY)
         try:
             if own is not None:
-                return LoraConfig.from_dict(json.loads(own))
+                own_source = f"{self.weights}: metadata {CONFIG_KEY!r}"
+                return LoraConfig.from_dict(safety.read_json(own, own_source))
             return LoraConfig.from_peft_dict(self.config, source=source)
         except ConfigError:
             raise
@@ -128,7 +134,10 @@ class AdapterFile:
 
     @property
     def fingerprint(self) -> dict[str, Any] | None:
-        return fp.loads(self.metadata.get(fp.METADATA_KEY))
+        """The base model's fingerprint; None if the file has none; ``AdapterFileError`` naming
+        the metadata key if it has one that cannot be read."""
+        source = f"{self.weights}: metadata {fp.METADATA_KEY!r}"
+        return fp.loads(self.metadata.get(fp.METADATA_KEY), source)
 
 
 def read_adapter(
@@ -140,7 +149,12 @@ def read_adapter(
     ``adapter_model.bin`` is refused unless ``allow_bin=True``, which reads it with
     ``torch.load(weights_only=True)``: tensors only, any other object refused, no code run.
     """
-    path = Path(directory)
+    path = safety.check_path(directory, "adapter directory")
+    with safety.os_errors(f"cannot read the adapter at {path}"):
+        return _read(path, allow_bin, tensors)
+
+
+def _read(path: Path, allow_bin: bool, tensors: bool) -> AdapterFile:
     if not path.is_dir():
         what = "is not a directory" if path.exists() else "does not exist"
         raise AdapterFileError(f"adapter directory {path} {what}{safety.interrupted_hint(path)}")
@@ -153,12 +167,19 @@ def read_adapter(
         )
         raise AdapterFileError(f"{path} has no {CONFIG_FILE}: not an adapter directory{hint}")
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
+        text = config_path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
         raise AdapterFileError(f"{config_path} is not valid JSON: {exc}") from None
+    config = safety.read_json(text, str(config_path))
     if not isinstance(config, dict):
         raise AdapterFileError(
             f"{config_path} must hold a JSON object, not {type(config).__name__}"
+        )
+    task = config.get("task_type")
+    if task is not None and not isinstance(task, str):
+        raise AdapterFileError(
+            f"{config_path}: task_type is {safety.shown(task, 60)}; expected a string such as "
+            "'CAUSAL_LM', or null"
         )
     weights = path / WEIGHTS_FILE
     if weights.is_file():
@@ -196,14 +217,13 @@ def _read_safetensors(path: Path, config: dict, weights: Path, load: bool) -> Ad
 
 
 def _read_bin(path: Path, config: dict, legacy: Path) -> AdapterFile:
-    import pickle
-
     try:
         state = torch.load(legacy, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+    except Exception as exc:  # a pickle that is not only tensors, or not a torch file at all
         raise AdapterFileError(
-            f"{legacy} was refused by torch.load(weights_only=True) (not only tensors, or "
-            f"corrupted): {exc}"
+            f"{legacy} was refused by torch.load(weights_only=True) (not only tensors, or not "
+            f"a PyTorch file: truncated, corrupted, or text?): {type(exc).__name__}: "
+            f"{str(exc)[:300]}"
         ) from None
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
@@ -233,10 +253,16 @@ def load_adapter(
     as it was. A fingerprint that names another base model is an error too, or a warning with
     ``allow_base_mismatch=True``. ``subfolder`` reads ``directory/subfolder`` (it may not leave
     ``directory``); ``allow_bin`` see :func:`read_adapter`.
+
+    A fingerprint that is in the file but cannot be read (not JSON, or a field of the wrong type)
+    means the base model cannot be checked: that is an error naming the metadata key, or with
+    ``allow_base_mismatch=True`` a warning, and the file loads without the check. A NaN or
+    infinite value in any tensor of the file is an error naming the tensor.
     """
     check_adapter_name(adapter_name)
-    path = safety.safe_join(directory, subfolder) if subfolder is not None else Path(directory)
-    file = read_adapter(path, allow_bin=allow_bin)
+    file = read_adapter(adapter_path(directory, subfolder), allow_bin=allow_bin)
+    path = file.directory
+    check_finite(file)
     config = file.lora_config()
     config = _without_absent_task_modules(config, model, file.config.get("task_type"))
     _check_base(model, file, allow_base_mismatch)
@@ -261,8 +287,57 @@ def load_adapter(
     return model
 
 
+def adapter_path(directory: str | os.PathLike, subfolder: str | None) -> Path:
+    """``directory/subfolder`` (which may not leave ``directory``), or ``directory``; checked."""
+    if subfolder is None:
+        return safety.check_path(directory, "adapter directory")
+    return safety.safe_join(directory, subfolder)
+
+
+def check_finite(file: AdapterFile) -> None:
+    """Refuse a file whose floating-point tensors hold NaN or infinity (loaded, the model would
+    compute NaN): one ``AdapterFileError`` naming the file and every such tensor."""
+    problems = []
+    for key, tensor in (file.tensors or {}).items():
+        if not (tensor.is_floating_point() or tensor.is_complex()):
+            continue
+        values = tensor if tensor.itemsize >= 2 else tensor.float()  # float8: no isnan kernel
+        if bool(torch.isfinite(values).all()):
+            continue
+        nan, inf = int(torch.isnan(values).sum()), int(torch.isinf(values).sum())
+        problems.append(f"{key}: {nan} NaN and {inf} infinite of {values.numel()} values")
+    if problems:
+        raise AdapterFileError(
+            _listing(f"{file.weights} holds values that are not finite numbers", problems)
+            + "\nwas it saved from a training run that diverged, or damaged since?"
+        )
+
+
+def overflow(key: str, value: torch.Tensor, target: torch.Tensor) -> str:
+    """A problem line when the finite ``value`` would not be finite in ``target``'s dtype (a
+    float64 value beyond float32's range, say), else ``""``."""
+    if not (value.is_floating_point() and target.is_floating_point()):
+        return ""
+    if bool(torch.isfinite(value.to(target.dtype)).all()):
+        return ""
+    limit = torch.finfo(target.dtype).max
+    return f"{key}: values beyond {target.dtype}'s range (±{limit:.3g}) of the model's tensor"
+
+
 def _check_base(model: nn.Module, file: AdapterFile, allow: bool) -> None:
-    saved = file.fingerprint
+    try:
+        saved = file.fingerprint
+    except AdapterFileError as exc:
+        if not allow:
+            raise AdapterFileError(
+                f"{exc}\nso the base model it was saved for cannot be checked; pass "
+                "allow_base_mismatch=True to load it without the check"
+            ) from None
+        warnings.warn(
+            f"{exc}\nloading it without checking the base model (allow_base_mismatch=True)",
+            stacklevel=3,
+        )
+        return
     if saved is None:
         return
     actual = fp.fingerprint(model, saved["modules"])
@@ -351,6 +426,10 @@ def _load_tensors(model: nn.Module, file: AdapterFile, name: str, bias: str) -> 
         if not torch.equal(slot.target.detach(), value.to(slot.target.device, slot.target.dtype)):
             values.append((slot, value))
             replaced.append(key.removeprefix(PREFIX))
+    too_large = [overflow(slot.key, value, slot.target) for slot, value in values]
+    if any(too_large):
+        header = f"the adapter at {file.directory} does not fit {type(model).__name__}"
+        raise AdapterFileError(_listing(header, [p for p in too_large if p]))
     with torch.no_grad():
         for slot, value in values:
             slot.target.copy_(value)

@@ -18,7 +18,11 @@ A quantized base (``lorakit.quant``) is hashed by its packed codes and its ``dty
 quantization type (``"nf4"``); its weights are not compared with a float base's, so a QLoRA adapter
 loads onto the full-precision model it was quantized from (to merge it there).
 
-PEFT writes no fingerprint; such files load without the check.
+PEFT writes no fingerprint; such files load without the check. A fingerprint that is present but
+cannot be read (not JSON, nested too deep, a field of the wrong type such as a module's shape given
+as a number) is not treated as absent: :func:`loads` raises an ``AdapterFileError`` naming the
+metadata key, and ``load_adapter`` refuses the file unless ``allow_base_mismatch=True``, which
+loads it without the check and says so in a warning. A damaged record must not turn the check off.
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import AdapterFileError
 from ..layers import LoraLayer
+from . import safety
 
 SAMPLE = 1024  # weight values sampled per module
 METADATA_KEY = "lorakit.fingerprint"
@@ -110,17 +116,47 @@ def dumps(fp: dict[str, Any]) -> str:
     return json.dumps(fp, sort_keys=True, separators=(",", ":"))
 
 
-def loads(text: str | None) -> dict[str, Any] | None:
-    """The fingerprint from the metadata text, or None when absent or unreadable."""
-    if not text:
+def loads(text: str | None, source: str = f"metadata {METADATA_KEY!r}") -> dict[str, Any] | None:
+    """The fingerprint from the metadata text; None when absent (``text`` is None). Text that is
+    not a fingerprint of the form :func:`fingerprint` writes raises ``AdapterFileError`` naming
+    ``source`` and what is wrong."""
+    if text is None:
         return None
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(data, dict) or not isinstance(data.get("modules"), dict):
-        return None
+    problems = [] if text.strip() else ["it is empty"]
+    data = safety.read_json(text, source) if not problems else None
+    if not problems and not isinstance(data, dict):
+        problems.append(f"a JSON object is expected, not {type(data).__name__}")
+    elif not problems:
+        problems = _problems(data)
+    if problems:
+        raise AdapterFileError(
+            f"{source} is not a base model fingerprint lorakit can read: "
+            + "; ".join(problems[:3])
+            + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
+        )
     return data
+
+
+def _problems(data: dict[str, Any]) -> list[str]:
+    """What is wrong with the fields of a decoded fingerprint."""
+    problems = [
+        f"{field!r} is {safety.shown(data[field], 60)}; expected a string or null"
+        for field in ("architecture", "model_type", "dtype", "weights")
+        if data.get(field) is not None and not isinstance(data[field], str)
+    ]
+    modules = data.get("modules")
+    if not isinstance(modules, dict):
+        return [*problems, f"'modules' is {safety.shown(modules, 60)}; expected an object"]
+    for path, shape in modules.items():
+        sizes = shape if isinstance(shape, list) else [None]
+        if shape is not None and not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in sizes
+        ):
+            problems.append(
+                f"modules[{safety.shown(path, 60)}] is {safety.shown(shape, 60)}; expected a list "
+                "of sizes or null"
+            )
+    return problems
 
 
 def describe(fp: dict[str, Any]) -> str:

@@ -6,7 +6,7 @@ Parameters adapter ``"default"`` already has (``copy_``; the same objects, the s
 module is re-injected and a ``torch.compile``d model runs the new adapter without recompiling.
 
 TorchDynamo guards a compiled graph on the tensors' shapes, dtypes and strides and on the Python
-values it read, such as a layer's ``scaling[name]`` float; it does not guard on tensor contents.
+values it read, such as a layer record's ``scale`` float; it does not guard on tensor contents.
 So a swap keeps everything dynamo guards on:
 
 * **rank**: the loaded adapter keeps its rank ``R``. A file of smaller rank ``r`` is zero-padded,
@@ -23,8 +23,9 @@ So a swap keeps everything dynamo guards on:
 
 A swap is all or nothing: the file is read and checked in full (the same target modules, fused
 slices, saved modules and bias mode as the loaded adapter; every tensor present with a fitting
-shape; the base model's fingerprint) before the first tensor is written, and a refusal is one
-``AdapterFileError`` listing every problem, leaving the loaded adapter bit for bit as it was.
+shape; every value finite; the base model's fingerprint, which must be readable) before the first
+tensor is written, and a refusal is one ``AdapterFileError`` listing every problem, leaving the
+loaded adapter bit for bit as it was.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from __future__ import annotations
 import math
 import os
 import re
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -41,8 +41,15 @@ from ..errors import AdapterError, AdapterFileError, ConfigError, MergeError, ga
 from ..layers import SavedModule
 from ..model import check_adapter_name, lora_layers, registry
 from ..targeting import plan
-from . import safety
-from .adapter import _check_base, _listing, _without_absent_task_modules, read_adapter
+from .adapter import (
+    _check_base,
+    _listing,
+    _without_absent_task_modules,
+    adapter_path,
+    check_finite,
+    overflow,
+    read_adapter,
+)
 from .peft_format import PREFIX, slots
 
 
@@ -75,8 +82,9 @@ def hotswap_adapter(
             f"adapter {adapter_name!r} is merged into {len(merged)} module(s) (e.g. {merged[0]}); "
             "unmerge before hot-swapping it"
         )
-    path = safety.safe_join(directory, subfolder) if subfolder is not None else Path(directory)
-    file = read_adapter(path, allow_bin=allow_bin)
+    file = read_adapter(adapter_path(directory, subfolder), allow_bin=allow_bin)
+    path = file.directory
+    check_finite(file)
     config = file.lora_config()
     config = _without_absent_task_modules(config, model, file.config.get("task_type"))
     _check_base(model, file, allow_base_mismatch)
@@ -168,6 +176,9 @@ def _new_values(model, file, name, bias, layers, rows, path) -> list[tuple[torch
             except AdapterError as exc:
                 problems.append(f"{key}: {exc}")
                 continue
+        if too_large := overflow(key, value, slot.target):
+            problems.append(too_large)
+            continue
         writes.append((slot.target, value))
     for key in shapes:
         if key in required:

@@ -11,24 +11,34 @@ An adapter directory is written in three steps:
 3. the old directory, now under the temporary name, is deleted.
 
 A crash during step 1 leaves the old directory untouched (plus a hidden ``.<name>.tmp-*``
-directory); after step 2 the new one is complete. Only the fallback of step 2 has a moment where
-the target name is missing: the previous adapter is then complete under ``.<name>.old-*``, and
-:func:`interrupted_hint` names it when a later load finds the target missing.
+directory, which the next save into the same parent removes: see ``staging``); after step 2 the
+new one is complete. Only the fallback of step 2 has a moment where the target name is missing:
+the previous adapter is then complete under ``.<name>.old-*``, and :func:`interrupted_hint` names
+it when a later load finds the target missing. Written directories and files get the modes the
+umask gives (0755 and 0644 under umask 022), as PEFT and transformers give theirs.
+
+A write that fails for lack of space (or any other ``OSError``) is reported by :func:`os_errors`
+as an ``AdapterFileError`` that names the directory and the reason ("no space left on device"),
+after the staging directory is removed. Paths are checked before use (:func:`check_path`): a NUL
+byte or a name longer than a file system allows is an error that names it, not an ``OSError``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import json
 import os
 import re
-import secrets
 import shutil
 import sys
-import tempfile
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
 
 from ..errors import AdapterFileError
+from . import staging
 
 # The files an adapter directory may hold (PEFT writes a README.md model card beside them).
 ADAPTER_FILES = frozenset(
@@ -43,13 +53,99 @@ MODEL_FILES = re.compile(
 )
 
 
+PATH_MAX = 4096  # bytes in a whole path (Linux)
+MAX_JSON_DEPTH = 64  # nesting of a JSON document lorakit reads (an adapter config needs 3)
+
+
+def shown(value: Any, limit: int = 100) -> str:
+    """``repr`` of a value (of a path as a string), shortened in the middle past ``limit``."""
+    text = os.fspath(value) if isinstance(value, os.PathLike) else value
+    quoted = repr(text)
+    if len(quoted) <= limit:
+        return quoted
+    size = f" ({len(text)} characters)" if isinstance(text, str) else ""
+    return f"{quoted[: limit - 30]}...{quoted[-20:]}{size}"
+
+
+def check_path(path: str | os.PathLike, what: str = "path") -> Path:
+    """``path`` as a ``Path``, or an ``AdapterFileError`` naming it when no file system can hold
+    it: a NUL byte, a name (one component) over ``NAME_MAX`` bytes, or a path over ``PATH_MAX``."""
+    text = os.fsdecode(path) if isinstance(path, bytes) else os.fspath(path)
+    if "\0" in text:
+        raise AdapterFileError(f"{what} {shown(text)} contains a NUL byte; no file name may")
+    try:
+        size = len(os.fsencode(text))
+        parts = [(p, len(os.fsencode(p))) for p in PurePosixPath(text).parts]
+    except UnicodeEncodeError as exc:
+        raise AdapterFileError(f"{what} {shown(text)} is not a valid file name: {exc}") from None
+    for part, n in parts:
+        if n > staging.NAME_MAX:
+            raise AdapterFileError(
+                f"{what} {shown(text)}: the name {shown(part, 60)} is {n} bytes long; file "
+                f"systems allow at most {staging.NAME_MAX} bytes in one name"
+            )
+    if size > PATH_MAX:
+        raise AdapterFileError(
+            f"{what} {shown(text)} is {size} bytes long; paths may be at most {PATH_MAX} bytes"
+        )
+    return Path(text)
+
+
+def reason(exc: OSError) -> str:
+    """What went wrong, in words: "no space left on device", "permission denied", ..."""
+    if exc.errno == errno.ENOSPC:
+        return "no space left on device"
+    if exc.errno == getattr(errno, "EDQUOT", None):
+        return "disk quota exceeded"
+    text = exc.strerror or str(exc) or type(exc).__name__
+    return text[:1].lower() + text[1:] + (f" ({exc.filename})" if exc.filename else "")
+
+
+@contextlib.contextmanager
+def os_errors(action: str, note: str = "") -> Iterator[None]:
+    """Turn an ``OSError`` raised inside into ``AdapterFileError("{action}: {reason}{note}")``."""
+    try:
+        yield
+    except OSError as exc:
+        raise AdapterFileError(f"{action}: {reason(exc)}{note}") from None
+
+
+def read_json(text: str, source: str) -> Any:
+    """``json.loads(text)``, with an ``AdapterFileError`` naming ``source`` for text that is not
+    JSON or nests deeper than ``MAX_JSON_DEPTH`` (no ``RecursionError``, here or later when the
+    document is walked or written again)."""
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise AdapterFileError(
+            f"{source} nests deeper than {MAX_JSON_DEPTH} levels; not a lorakit or PEFT document"
+        ) from None
+    except ValueError as exc:
+        raise AdapterFileError(f"{source} is not valid JSON: {exc}") from None
+    level = [data] if isinstance(data, (dict, list)) else []
+    for _ in range(MAX_JSON_DEPTH):  # one level of containers per step, without recursion
+        if not level:
+            return data
+        level = [
+            v
+            for item in level
+            for v in (item.values() if isinstance(item, dict) else item)
+            if isinstance(v, (dict, list))
+        ]
+    if not level:
+        return data
+    raise AdapterFileError(
+        f"{source} nests deeper than {MAX_JSON_DEPTH} levels; not a lorakit or PEFT document"
+    )
+
+
 def safe_join(root: str | os.PathLike, *parts: str) -> Path:
     """``root / parts`` where no part may leave ``root``.
 
     Each part is a relative path without ``..`` components, backslashes or NUL bytes; the joined
     path, with symbolic links resolved, must still lie inside ``root``.
     """
-    base = Path(root)
+    base = check_path(root, "directory")
     for part in parts:
         text = str(part)
         pure = PurePosixPath(text)
@@ -65,7 +161,7 @@ def safe_join(root: str | os.PathLike, *parts: str) -> Path:
                 f"path part {text!r} is not allowed: use a relative path inside {str(base)!r} "
                 "without '..', a drive or a leading '/'"
             )
-    joined = base.joinpath(*parts)
+    joined = check_path(base.joinpath(*parts), "subfolder")
     if not joined.resolve().is_relative_to(base.resolve()):
         raise AdapterFileError(f"{str(joined)!r} leaves {str(base)!r} (through a symbolic link)")
     return joined
@@ -114,43 +210,17 @@ def check_target(target: Path, overwrite: bool, kind: str = "adapter") -> bool:
 
 
 def staging_dir(target: Path) -> Path:
-    """A new empty directory beside ``target``, for the files of step 1."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return new_dir(target.parent, f".{target.name}.tmp-")
-
-
-def new_dir(parent: Path, prefix: str) -> Path:
-    """A new empty directory ``parent/<prefix><random>`` with the mode the umask gives (0755
-    under umask 022), as ``mkdir``, PEFT and transformers give theirs; ``tempfile.mkdtemp``'s
-    0700 would hide the published directory from other users, servers and containers."""
-    while True:
-        path = parent / f"{prefix}{secrets.token_hex(4)}"
-        try:
-            path.mkdir()  # mode 0o777, less the umask
-            return path
-        except FileExistsError:
-            continue
-
-
-def umask() -> int:
-    """The process's umask (read from /proc on Linux; else set and restored at once)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    """A new empty directory beside ``target``, for the files of step 1 (mode ``0o777 & ~umask``,
+    locked until :func:`publish` or :func:`discard`); stale ones a killed save left there are
+    removed first (see ``staging``)."""
+    return staging.create(target)
 
 
 def default_modes(root: Path) -> None:
     """Give ``root`` and everything in it the modes a plain ``mkdir`` and ``open`` give under the
     umask (0755 and 0644 under umask 022): some writers (transformers' ``save_pretrained``) make
     their files through ``mkstemp``, 0600, which would hide them from other users."""
-    mask = umask()
+    mask = staging.umask()
     os.chmod(root, 0o777 & ~mask)
     for path in root.rglob("*"):
         if not path.is_symlink():
@@ -167,14 +237,25 @@ def write_file(path: Path, data: bytes) -> None:
 
 def write_tensors(path: Path, tensors: dict, metadata: dict[str, str]) -> None:
     """Write a safetensors file (straight from the tensors, no copy in memory) and flush it."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    save_file(tensors, str(path), metadata=metadata)
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as exc:  # an I/O error, reported as Rust's io::Error text
+        raise _os_error(exc, path) from None
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _os_error(exc: Exception, path: Path) -> OSError:
+    """The ``OSError`` behind safetensors' ``SafetensorError`` ("... (os error 28)")."""
+    found = re.search(r"(?:os error |code: )(\d+)", str(exc))
+    code = int(found.group(1)) if found else errno.EIO
+    return OSError(code, os.strerror(code) if found else str(exc), str(path))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -216,25 +297,32 @@ def _exchange(a: Path, b: Path) -> bool:
 
 def publish(staged: Path, target: Path, replace: bool) -> None:
     """Step 2 and 3: give ``staged`` the name ``target``, replacing the old directory if asked."""
+    staging.set_modes(staged)
     _fsync_dir(staged)
-    if not replace:
-        os.rename(staged, target)  # fails rather than replace a directory created meanwhile
-    elif _exchange(staged, target):
-        shutil.rmtree(staged, ignore_errors=True)  # `staged` now holds the old adapter
-    else:
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, old)
-        try:
-            os.replace(staged, target)
-        except BaseException:
-            os.replace(old, target)  # put the previous adapter back
-            raise
-        shutil.rmtree(old, ignore_errors=True)
+    try:
+        if not replace:
+            os.rename(staged, target)  # fails rather than replace a directory created meanwhile
+        elif _exchange(staged, target):
+            shutil.rmtree(staged, ignore_errors=True)  # `staged` now holds the old adapter
+        else:
+            old = staging.new_dir(target.parent, staging.hidden_prefix(target, "old"))
+            os.replace(target, old)
+            try:
+                os.replace(staged, target)
+            except BaseException:
+                os.replace(old, target)  # put the previous adapter back
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if not staged.exists():
+            staging.release(staged)
     _fsync_dir(target.parent)
 
 
 def discard(staged: Path) -> None:
+    """Remove a staging directory that will not be published, and give up its lock."""
     shutil.rmtree(staged, ignore_errors=True)
+    staging.release(staged)
 
 
 def interrupted_hint(target: Path) -> str:
@@ -242,7 +330,8 @@ def interrupted_hint(target: Path) -> str:
     parent = target.parent
     if not parent.is_dir():
         return ""
-    olds = sorted(parent.glob(f".{target.name}.old-*"))
+    prefix = staging.hidden_prefix(target, "old")
+    olds = sorted(p for p in parent.iterdir() if p.name.startswith(prefix))
     if not olds:
         return ""
     return (
