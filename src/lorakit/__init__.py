@@ -4,6 +4,7 @@ Importing lorakit imports torch only; transformers, peft and bitsandbytes are lo
 functions that need them.
 """
 
+from ._version import __version__
 from .combine import combine
 from .config import LoraConfig
 from .errors import (
@@ -45,8 +46,6 @@ from .model import (
 )
 from .quant import quantize
 from .targeting import Plan, PlanRow, parameter_line, plan
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AdapterError",

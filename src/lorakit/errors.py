@@ -34,6 +34,10 @@ class AdapterFileError(LorakitError, ValueError):
     file, a base model it was not saved for, or a write that would replace something it must not."""
 
 
+class DataError(LorakitError, ValueError):
+    """A data file is missing, empty, or has a line that cannot be trained on."""
+
+
 class QuantError(LorakitError, ValueError):
     """A weight cannot be quantized, or quantized data is inconsistent with what it claims."""
 

@@ -10,10 +10,9 @@ import lorakit.models
 from conftest import char_tokenizer, date_rows, run_config, tiny_llama
 from lorakit.cli.generate import adapter_names
 from lorakit.cli.main import main
+from lorakit.generate import Example, Formatter, generate
 from lorakit.io import load_adapter
 from lorakit.train import train
-from lorakit.train.data import Example, Formatter
-from lorakit.train.evaluate import generate
 
 
 @pytest.fixture

@@ -100,14 +100,6 @@ def test_bad_overrides_and_bad_files(tmp_path):
         load_config(write_yaml(tmp_path / "list.yaml", "- 1\n"))
 
 
-def test_qlora_without_quantize_is_a_config_error_before_loading(data, monkeypatch):
-    import lorakit
-
-    monkeypatch.delattr(lorakit, "quantize", raising=False)
-    with pytest.raises(ConfigError, match="needs lorakit.quantize"):
-        build({"data": {"train": str(data / "train.jsonl")}, "training": {"method": "qlora"}})
-
-
 def test_the_config_round_trips_through_its_yaml(data, tmp_path):
     cfg = load_config(None, [f"data.train={data / 'train.jsonl'}", "lora.r=4"])
     again = load_config(write_yaml(tmp_path / "again.yaml", cfg.to_yaml()))

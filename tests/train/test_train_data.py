@@ -4,11 +4,10 @@ truncation, packing and the batch stream."""
 import pytest
 
 from conftest import char_tokenizer, write_jsonl
+from lorakit.errors import DataError
+from lorakit.generate import IGNORE, Formatter
 from lorakit.train.data import (
-    IGNORE,
     Batches,
-    DataError,
-    Formatter,
     collate,
     encode_all,
     pack,

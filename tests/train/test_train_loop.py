@@ -23,9 +23,10 @@ from conftest import (
     run_config,
     tiny_llama,
 )
+from lorakit.generate import Formatter
 from lorakit.train import TrainingError
 from lorakit.train.checkpoint import PREFIX, TMP_PREFIX, checkpoints
-from lorakit.train.data import Formatter, collate, parse_line
+from lorakit.train.data import collate, parse_line
 from lorakit.train.loss import token_loss
 from lorakit.train.metrics import read_metrics
 

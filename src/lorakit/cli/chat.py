@@ -30,9 +30,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     from ..combine import combine
+    from ..generate import Example, Formatter, generate
     from ..model import set_adapter
-    from ..train.data import Example, Formatter
-    from ..train.evaluate import generate
     from .generate import load_with_adapters
 
     args.base = False

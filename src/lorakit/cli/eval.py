@@ -42,9 +42,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
+    from ..generate import Formatter
     from ..model import disable_adapters, set_adapter
     from ..train.config import load_config
-    from ..train.data import Formatter, encode_all, read_jsonl
+    from ..train.data import encode_all, read_jsonl
     from ..train.evaluate import evaluate
     from .generate import load_with_adapters
 

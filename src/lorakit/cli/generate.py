@@ -117,8 +117,7 @@ def recorded_base(adapters: list[str]) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train.data import Formatter
-    from ..train.evaluate import generate
+    from ..generate import Formatter, generate
 
     prompts = [
         p

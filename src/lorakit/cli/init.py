@@ -66,7 +66,7 @@ def starter_yaml(name: str = "lorakit.yaml") -> str:
     and its comment."""
     import yaml
 
-    from .. import __version__
+    from .._version import __version__
     from ..train.config import TrainConfig
     from ..train.config_comments import COMMENTS
 

@@ -63,7 +63,7 @@ def save_adapter(
     A write that fails (no space left on device, ...) raises ``AdapterFileError`` naming the
     directory and leaves nothing behind. Returns the directory.
     """
-    from .. import __version__
+    from .._version import __version__
 
     check_adapter_name(adapter_name)
     target = safety.check_path(directory, "adapter directory")

@@ -18,8 +18,8 @@
 * ``dates``: an example task generator (dates to ISO format).
 """
 
+from ..errors import DataError
 from .config import TrainConfig, load_config
-from .data import DataError
 from .evaluate import EvalResult
 from .loop import TrainingError, TrainResult, train
 

@@ -339,11 +339,3 @@ def _cross_checks(built: dict[str, Any], problems: list[str]) -> None:
             "training.early_stopping counts held-out evaluations: it needs data.eval and "
             "evaluation.every > 0"
         )
-    if training.method == "qlora":
-        import lorakit
-
-        if not hasattr(lorakit, "quantize"):
-            problems.append(
-                "training.method='qlora' needs lorakit.quantize (4-bit base weights), which "
-                "this version of lorakit does not have yet; use method 'lora'"
-            )

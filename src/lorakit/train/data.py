@@ -20,44 +20,16 @@ truncated and counted, and a row with nothing left to train on after truncation 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import LorakitError
+from ..errors import DataError
+from ..generate import IGNORE, Encoded, Example, Formatter
 
-IGNORE = -100
 ROLES = ("system", "user", "assistant")
 MAX_LISTED = 20  # problems listed in one error; the rest are counted
-
-
-class DataError(LorakitError, ValueError):
-    """A data file is missing, empty, or has a line that cannot be trained on."""
-
-
-@dataclass(frozen=True)
-class Example:
-    """One parsed line: its shape, where it came from, and its fields."""
-
-    where: str  # "file:line"
-    messages: tuple[dict[str, str], ...] = ()  # for "prompt" rows: the user and assistant turns
-    text: str | None = None  # for "text" rows
-    kind: str = "prompt"  # "prompt" | "messages" | "text"
-
-
-@dataclass
-class Encoded:
-    """Token ids and labels of one training row (or several packed together)."""
-
-    ids: list[int]
-    labels: list[int]
-    where: str
-    truncated: bool = False
-    prompt_ids: list[int] = field(default_factory=list)  # what generation starts from
-    reference: str | None = None  # the expected answer, for exact match
-    question: str | None = None  # the last user turn before it, for reports
 
 
 # --------------------------------------------------------------------------------------------------
@@ -157,116 +129,6 @@ def _messages(value: Any, where: str) -> list[dict[str, str]]:
     if not any(t["role"] == "assistant" for t in turns):
         raise DataError(f"{where}: no assistant turn to train on")
     return turns
-
-
-# --------------------------------------------------------------------------------------------------
-# Rendering and tokenizing
-
-
-class Formatter:
-    """Renders examples with the tokenizer (and its chat template) into ids and loss masks.
-
-    ``chat_template``: use the tokenizer's template where it has one (rows with ``messages`` need
-    one). ``system_prompt``: a system turn put first in chat rows that have none of their own.
-    """
-
-    def __init__(
-        self,
-        tokenizer: Any,
-        max_length: int,
-        chat_template: bool = True,
-        system_prompt: str | None = None,
-    ):
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-        self.use_template = chat_template and bool(getattr(tokenizer, "chat_template", None))
-        self.system_prompt = system_prompt
-        if tokenizer.eos_token_id is None:
-            raise DataError("the tokenizer has no end-of-sequence token to end completions with")
-
-    def _render(self, turns: list[dict[str, str]], generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(
-            turns, add_generation_prompt=generation_prompt, tokenize=False
-        )
-
-    def _tokens(self, text: str, special: bool = False) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=special)["input_ids"]
-
-    def pieces(self, ex: Example) -> list[tuple[list[int], bool]]:
-        """The row as (token ids, trained?) pieces, in order."""
-        eos = self.tokenizer.eos_token_id
-        if ex.kind == "text":
-            return [(self._tokens(ex.text, special=True) + [eos], True)]
-        turns = list(ex.messages)
-        if not self.use_template:
-            if ex.kind == "messages":
-                raise DataError(
-                    f"{ex.where}: 'messages' rows need a chat template and the tokenizer has "
-                    "none (or data.chat_template is false); use prompt/completion rows"
-                )
-            prompt, completion = turns[0]["content"], turns[1]["content"]
-            completion_ids = self._tokens(completion) + [eos]  # a template ends turns itself
-            return [(self._tokens(prompt, special=True), False), (completion_ids, True)]
-        if self.system_prompt is not None and turns[0]["role"] != "system":
-            turns.insert(0, {"role": "system", "content": self.system_prompt})
-        pieces, done = [], ""
-        for i, turn in enumerate(turns):
-            if turn["role"] != "assistant":
-                continue
-            before = self._render(turns[:i], generation_prompt=True)
-            after = self._render(turns[: i + 1], generation_prompt=False)
-            if not (before.startswith(done) and after.startswith(before)):
-                raise DataError(
-                    f"{ex.where}: the chat template renders earlier turns differently once a "
-                    "later turn follows, so the assistant tokens cannot be masked reliably"
-                )
-            pieces += [(self._tokens(before[len(done) :]), False)]
-            pieces += [(self._tokens(after[len(before) :]), True)]
-            done = after
-        rest = self._render(turns, generation_prompt=False)[len(done) :]
-        if rest:
-            pieces.append((self._tokens(rest), False))
-        return pieces
-
-    def encode(self, ex: Example) -> Encoded:
-        """Ids and labels of one example, truncated to ``max_length``."""
-        ids: list[int] = []
-        labels: list[int] = []
-        for tokens, trained in self.pieces(ex):
-            ids += tokens
-            labels += tokens if trained else [IGNORE] * len(tokens)
-        truncated = len(ids) > self.max_length
-        ids, labels = ids[: self.max_length], labels[: self.max_length]
-        if all(label == IGNORE for label in labels[1:]):
-            raise DataError(
-                f"{ex.where}: nothing left to train on after truncation to data.max_length="
-                f"{self.max_length} tokens (the prompt alone is that long)"
-            )
-        row = Encoded(ids, labels, ex.where, truncated)
-        if ex.kind != "text":
-            row.prompt_ids, row.reference = self.generation_prompt(ex)
-            last = max(i for i, t in enumerate(ex.messages) if t["role"] == "assistant")
-            users = [t["content"] for t in ex.messages[:last] if t["role"] == "user"]
-            row.question = users[-1] if users else ""
-        return row
-
-    def generation_prompt(self, ex: Example) -> tuple[list[int], str]:
-        """The ids a model answers from (everything before the last assistant turn) and the
-        expected answer: the last assistant turn's text."""
-        turns = list(ex.messages)
-        last = max(i for i, t in enumerate(turns) if t["role"] == "assistant")
-        reference = turns[last]["content"]
-        if not self.use_template:
-            return self._tokens(turns[0]["content"], special=True), reference
-        if self.system_prompt is not None and turns[0]["role"] != "system":
-            turns.insert(0, {"role": "system", "content": self.system_prompt})
-            last += 1
-        return self._tokens(self._render(turns[:last], generation_prompt=True)), reference
-
-    def prompt_ids(self, text: str) -> list[int]:
-        """The ids a model answers ``text`` from: a user turn (in the template) or ``text``."""
-        turns = ({"role": "user", "content": text}, {"role": "assistant", "content": ""})
-        return self.generation_prompt(Example("prompt", turns))[0]
 
 
 def encode_all(examples: list[Example], formatter: Formatter) -> tuple[list[Encoded], int]:

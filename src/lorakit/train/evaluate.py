@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..model import adapter_per_row
-from .data import Encoded, collate
+from ..generate import Encoded, generate
+from .data import collate
 from .loss import token_loss
 
 
@@ -56,55 +55,6 @@ def heldout_loss(model: nn.Module, rows: list[Encoded], batch_size: int, pad_id:
         total, count = total + loss.item(), count + n
     model.train(was_training)
     return total / max(count, 1)
-
-
-@torch.no_grad()
-def generate(
-    model: nn.Module,
-    tokenizer: Any,
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    batch_size: int = 16,
-    adapters: list[str | None] | None = None,
-) -> list[str]:
-    """Greedy answers (decoded, special tokens dropped, stripped) to prompts given as token ids.
-
-    ``adapters``: the adapter that answers each prompt (``None``: the base model); the rows of one
-    batch may use different adapters (:func:`lorakit.adapter_per_row`). Default: the active one.
-    """
-    was_training = model.training
-    model.eval()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths together
-    answers: dict[int, str] = {}
-    device = next(model.parameters()).device
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        width = max(len(prompts[i]) for i in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, i in enumerate(chunk):  # left padding: answers start at column `width`
-            ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
-            mask[row, width - len(prompts[i]) :] = 1
-        per_row = contextlib.nullcontext()
-        if adapters is not None:
-            per_row = adapter_per_row(model, [adapters[i] for i in chunk])
-        with per_row:
-            out = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=pad,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-        for row, i in enumerate(chunk):
-            answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
-    model.train(was_training)
-    return [answers[i] for i in range(len(prompts))]
 
 
 def evaluate(

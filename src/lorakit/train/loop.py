@@ -23,11 +23,12 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..generate import IGNORE, Formatter
 from ..model import apply_lora, count_parameters
 from . import checkpoint, schedule
 from .best import BestKeeper
 from .config import TrainConfig
-from .data import IGNORE, Batches, Formatter, collate, encode_all, pack, read_jsonl
+from .data import Batches, collate, encode_all, pack, read_jsonl
 from .evaluate import EvalResult, evaluate, heldout_loss
 from .loss import token_loss
 from .metrics import JsonlLogger, MetricLogger, read_metrics
@@ -332,11 +333,9 @@ def prepare_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     """Make the parameters the method trains the only ones that need gradients."""
     method = cfg.training.method
     if method == "qlora":
-        import lorakit
+        from ..quant import quantize
 
-        if not hasattr(lorakit, "quantize"):
-            raise ConfigError("training.method='qlora' needs lorakit.quantize, not available yet")
-        model = lorakit.quantize(model, "nf4", double_quant=True)
+        model = quantize(model, "nf4", double_quant=True)
     if method in ("lora", "qlora"):
         model = apply_lora(model, cfg.lora)
     else:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import IGNORE
+from ..generate import IGNORE
 
 _KEEPS_LOGITS: dict[type, bool] = {}  # model class -> forward honours a boolean logits_to_keep
 
