@@ -7,7 +7,10 @@
 * ``data``: JSONL rows in three shapes, chat templates, loss masks, truncation, packing, batches;
 * ``loss``: cross entropy on the trained tokens only;
 * ``schedule``: warmup, then cosine or linear decay;
-* ``loop``: :func:`train`, the loop itself;
+* ``setup``: packages, data, output directory, model, method, tokens: all before the first step;
+* ``step``: one optimizer step (gradient accumulation, clipping, the update);
+* ``loop``: :func:`train`, the loop itself, from setup to the report;
+* ``result``: what a run gives back;
 * ``evaluate``: held-out loss and exact match by greedy generation;
 * ``requirements``: the packages a run needs, checked before any weight loads;
 * ``output``: the output directory, and how a lorakit run is recognised;
@@ -21,7 +24,9 @@
 from ..errors import DataError
 from .config import TrainConfig, load_config
 from .evaluate import EvalResult
-from .loop import TrainingError, TrainResult, train
+from .loop import train
+from .output import TrainingError
+from .result import TrainResult
 
 __all__ = [
     "DataError",

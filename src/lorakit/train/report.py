@@ -8,15 +8,22 @@ figures go to ``summary.json`` for programs (the benchmarks read it).
 
 from __future__ import annotations
 
+import json
 import platform
 import resource
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .config import TrainConfig
 from .evaluate import EvalResult
+from .metrics import read_metrics
+from .output import write_text
+from .result import TrainResult, eval_dict
+from .setup import device_of
 
 
 def peak_memory_mb() -> float:
@@ -75,7 +82,7 @@ def _after_label(s: dict[str, Any]) -> str:
 
 
 def render(summary: dict[str, Any], before: EvalResult | None, after: EvalResult | None) -> str:
-    """The report's markdown; ``summary`` holds the run's figures (see ``loop.train``)."""
+    """The report's markdown; ``summary`` holds the run's figures (see ``write_results``)."""
     s = summary
     lines = [
         f"# lorakit training report: {s['name']}",
@@ -111,3 +118,77 @@ def render(summary: dict[str, Any], before: EvalResult | None, after: EvalResult
         lines += ["", "## Loss", "", f"![loss curve]({Path(s['plot']).name})"]
     lines += ["", "## Config", "", "```yaml", s["config_yaml"].rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def write_results(
+    result: TrainResult,
+    cfg: TrainConfig,
+    model_name: str,
+    rows: tuple[int, int, int],
+    t_begin: float,
+    say: Any,
+) -> None:
+    """``summary.json`` first, then ``loss.png`` and ``report.md``. The adapter and the metrics are
+    on disk already: a plot or report that fails (a broken matplotlib, an odd value) is a warning
+    that names what failed, and the run still ends with its results."""
+    out, tc, start = result.out_dir, cfg.training, result.start_step
+    train_rows, eval_rows, truncated = rows  # training rows, held-out rows, truncated rows
+    records = read_metrics(out / "metrics.jsonl")
+    done = [r for r in records if r["kind"] == "train" and r["step"] > start]
+    summary = {
+        "name": out.name,
+        "model": model_name,
+        "method": tc.method,
+        "trainable": result.trainable,
+        "total": result.total,
+        "train_rows": train_rows,
+        "eval_rows": eval_rows,
+        "truncated": truncated,
+        "max_length": cfg.data.max_length,
+        "steps": result.steps,
+        "batch_rows": tc.batch_size * tc.grad_accum,
+        "start_step": start,
+        "train_seconds": result.train_seconds,
+        "step_seconds": result.train_seconds / max(len(done), 1),
+        "tokens_per_s": sum(r["tokens"] for r in done) / max(result.train_seconds, 1e-9),
+        "total_seconds": time.perf_counter() - t_begin,
+        "peak_memory_mb": result.peak_memory_mb,
+        "device": str(device_of(cfg.model.device)),
+        "final_loss": next(
+            (r["loss"] for r in reversed(records) if r["kind"] == "train"), float("nan")
+        ),
+        "last_step": result.last_step,
+        "kept_step": result.kept_step,
+        "kept_loss": result.kept_loss,
+        "kept": "lowest held-out loss" if result.kept_step != result.last_step else "last step",
+        "stopped_early": result.stopped_early,
+        "plot": None,
+        "warnings": result.warnings,
+    }
+    evals = {"before": eval_dict(result.before), "after": eval_dict(result.after)}
+
+    def write_summary() -> None:
+        record = summary | evals
+        write_text(out / "summary.json", json.dumps(record, indent=2, default=str) + "\n")
+
+    if cfg.output.report:
+        write_summary()
+    if cfg.output.plot:
+        try:
+            from .plot import plot_losses
+
+            summary["plot"] = str(plot_losses(records, out / "loss.png", title=out.name))
+        except Exception as e:  # noqa: BLE001 - any failure of the plot must not lose the run
+            _warn(result, say, f"the loss plot (loss.png) was not drawn: {type(e).__name__}: {e}")
+    if cfg.output.report:
+        try:
+            text = render(summary | {"config_yaml": cfg.to_yaml()}, result.before, result.after)
+            write_text(out / "report.md", text)
+        except Exception as e:  # noqa: BLE001 - any failure of the report must not lose the run
+            _warn(result, say, f"the report (report.md) was not written: {type(e).__name__}: {e}")
+        write_summary()
+
+
+def _warn(result: TrainResult, say: Any, text: str) -> None:
+    result.warnings.append(text)
+    say(f"warning: {text}")
