@@ -59,6 +59,11 @@ class Formatter:
         chat_template: bool = True,
         system_prompt: str | None = None,
     ):
+        if tokenizer is None:
+            raise DataError(
+                "the model has no tokenizer (its directory holds no tokenizer files); "
+                "training, evaluation and generation need one: save the tokenizer beside it"
+            )
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.use_template = chat_template and bool(getattr(tokenizer, "chat_template", None))

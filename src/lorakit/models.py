@@ -70,7 +70,8 @@ def load_model(
 ) -> tuple[Any, Any]:
     """(model, tokenizer) from a transformers directory, a ``.gguf`` file, or None (embedded;
     also ``"default"`` or :data:`DEFAULT_MODEL_ID`). The model is named as the module docstring
-    says.
+    says. A directory's model has the class its config names (``architectures``); its tokenizer
+    is None when the directory has no tokenizer files.
 
     ``dtype``: a torch dtype for the weights (default float32). ``use_cache``: convert a GGUF
     file once into a safetensors directory under :func:`cache_dir` and load that afterwards.
@@ -86,8 +87,7 @@ def load_model(
         return quantize_model(model, **options), tokenizer
     import torch
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    _offline()
     dtype = dtype or torch.float32
     embedded = is_embedded(source)
     path = embedded_model_path() if embedded else Path(source)
@@ -103,14 +103,74 @@ def load_model(
     return model, tokenizer
 
 
+def _offline() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def _load_dir(path: Path, dtype: Any) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """A directory's model with the class its ``config.json`` names in ``architectures`` (a
+    classifier stays a classifier), and its tokenizer when it has tokenizer files (else None)."""
+    from transformers import AutoConfig, AutoTokenizer
 
     check_model_dir(path)
     with load_errors(path):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    return model, tokenizer
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        model = _model_class(config).from_pretrained(path, dtype=dtype, local_files_only=True)
+        tokenizer = None
+        if any((path / name).is_file() for name in _TOKENIZER_FILES):
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model.eval(), tokenizer
+
+
+def _model_class(config: Any):
+    """The transformers class ``config.architectures`` names, else ``AutoModelForCausalLM``."""
+    import transformers
+
+    for name in getattr(config, "architectures", None) or ():
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModelForCausalLM
+
+
+def meta_base(source: str | os.PathLike | None) -> Any:
+    """The base model's modules on the meta device: shapes without weights, in about a second.
+
+    A ``.gguf`` file's config is read from its converted copy when ``load_model`` has cached one,
+    else from the file itself (several seconds for its metadata).
+    """
+    import torch
+
+    _offline()
+    from transformers import AutoConfig
+
+    if is_embedded(source) or str(source).endswith(".gguf"):
+        gguf = embedded_model_path() if is_embedded(source) else Path(source)
+        if not gguf.is_file():
+            raise ModelLoadError(f"base model {str(gguf)!r} does not exist")
+        cached = _gguf_cache_path(gguf)
+        with load_errors(gguf):
+            if (cached / "config.json").is_file():
+                config = AutoConfig.from_pretrained(cached, local_files_only=True)
+            else:
+                config = AutoConfig.from_pretrained(
+                    gguf.parent, gguf_file=gguf.name, local_files_only=True
+                )
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise ModelLoadError(f"base model {str(path)!r} does not exist")
+        with load_errors(path):
+            config = AutoConfig.from_pretrained(check_model_dir(path), local_files_only=True)
+    cls = _model_class(config)
+    with torch.device("meta"):
+        if hasattr(cls, "_from_config"):
+            return cls._from_config(config)
+        return cls.from_config(config)
 
 
 def _load_gguf(path: Path, dtype: Any, use_cache: bool) -> tuple[Any, Any]:

@@ -15,7 +15,7 @@ from io_models import model_dir, word_tokenizer
 import lorakit
 import lorakit.models as models
 from lorakit import LoraConfig
-from lorakit.io.base_models import adapter_base, load_base
+from lorakit.io.base_models import adapter_base
 from lorakit.models import DEFAULT_MODEL_ID, ModelLoadError, load_model, public_name, set_name
 from tiny_models import logits, randomise, tiny_llama, tokens
 
@@ -55,7 +55,7 @@ def cli(*argv, env=None, cwd=None):
 def test_an_adapter_records_the_directory_its_base_was_loaded_from(trained, tmp_path):
     base, adapter, _ = trained
     assert recorded(adapter) == str(base)
-    model, _ = load_base(base)  # the export's loader names it the same way
+    model, _ = load_model(base)  # the export loads it the same way
     lorakit.save_adapter(lorakit.apply_lora(model, CONFIG), tmp_path / "b")
     assert recorded(tmp_path / "b") == str(base)
 

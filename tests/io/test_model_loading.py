@@ -12,8 +12,7 @@ from io_models import model_dir, word_tokenizer
 
 import lorakit.models as models
 from lorakit.errors import LorakitError
-from lorakit.io.base_models import load_base, meta_base
-from lorakit.models import ModelLoadError, load_model
+from lorakit.models import ModelLoadError, load_model, meta_base
 from tiny_models import logits, tiny_llama, tokens
 
 
@@ -73,7 +72,7 @@ def test_a_truncated_safetensors_file_is_named(llama_dir, keep):
     weights = llama_dir / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: int(len(data) * keep) if isinstance(keep, float) else keep])
-    for load in (load_model, load_base):  # meta_base reads no weights
+    for load in (load_model,):  # meta_base reads no weights
         with pytest.raises(ModelLoadError, match=r"model\.safetensors is not a valid safetensors"):
             load(llama_dir)
 
@@ -84,7 +83,7 @@ def test_a_truncated_shard_is_named(tmp_path):
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     shard = tmp_path / sorted(set(index["weight_map"].values()))[-1]
     shard.write_bytes(shard.read_bytes()[:-10])
-    for load in (load_model, load_base):
+    for load in (load_model,):
         with pytest.raises(ModelLoadError, match=f"{shard.name} is not a valid safetensors"):
             load(tmp_path)
     (tmp_path / "model.safetensors.index.json").write_text("[]")
@@ -102,7 +101,7 @@ def test_a_truncated_shard_is_named(tmp_path):
 )
 def test_a_damaged_config_is_named(llama_dir, text, match):
     (llama_dir / "config.json").write_text(text)
-    for load in (load_model, load_base, meta_base):
+    for load in (load_model, meta_base):
         with pytest.raises(ModelLoadError, match=match) as err:
             load(llama_dir)
         assert str(llama_dir) in str(err.value)
@@ -156,7 +155,7 @@ def test_a_truncated_gguf_file_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + b"\xff" * 20)  # counts cut short
-    for load in (load_model, load_base, meta_base):
+    for load in (load_model, meta_base):
         with pytest.raises(ModelLoadError, match=r"m\.gguf: the model could not be loaded"):
             load(gguf)
     assert not (tmp_path / "cache").exists()

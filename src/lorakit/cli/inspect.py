@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     from ..config import LoraConfig
-    from ..io.base_models import meta_base
+    from ..models import meta_base
     from ..targeting import plan
 
     if args.target is not None and args.target_regex is not None:

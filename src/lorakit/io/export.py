@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from ..model import merge_and_unload
+from ..models import load_model
 from . import safety
 from .adapter import load_adapter, read_adapter
-from .base_models import load_base, recorded_dtype
+from .base_models import recorded_dtype
 
 
 def export_merged(
@@ -53,7 +54,7 @@ def export_merged(
         recorded = getattr(getattr(model, "config", None), "dtype", None)
     else:
         recorded = recorded_dtype(base)
-        model, loaded_tokenizer = load_base(base, dtype=torch.float32)
+        model, loaded_tokenizer = load_model(base, dtype=torch.float32)
         tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
     model = load_adapter(model, adapter, "export", allow_base_mismatch=allow_base_mismatch)
     model = merge_and_unload(model)
