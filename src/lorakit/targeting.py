@@ -31,8 +31,6 @@ from .config import ALL_LINEAR, LoraConfig
 from .errors import TargetError, gather
 from .quant import quantized_weights
 
-LINEAR_KINDS = ("linear", "conv1d_gpt2")
-
 
 @dataclasses.dataclass(frozen=True)
 class PlanRow:
@@ -176,7 +174,12 @@ def plan(model: nn.Module, config: LoraConfig) -> Plan:
         head = _output_head(model, modules)
         for path, module in modules:
             kind, _ = L.kind_of(module)
-            if kind in LINEAR_KINDS and path not in head and path not in saved_paths:
+            if (
+                kind
+                and L.kind_class(kind).linear_like
+                and path not in head
+                and path not in saved_paths
+            ):
                 if not any(path.startswith(s + ".") for s in saved_paths):
                     chosen[path] = (module, kind)
         if not chosen:
@@ -263,7 +266,7 @@ def plan(model: nn.Module, config: LoraConfig) -> Plan:
             slices = getattr(module, "slices", None)
         in_f, out_f, shape = L.shape_of(module, kind)
         if slices is not None:
-            if kind not in LINEAR_KINDS:
+            if not L.kind_class(kind).linear_like:
                 problems.append(f"fused_slices for {path}: only linear layers can be sliced")
                 slices = None
             elif out_f % len(slices):

@@ -138,9 +138,7 @@ def _layer_slot(layer, path, rest, tensor, adapter_name, bias, required, optiona
         if name != adapter_name:
             return  # another adapter's tensor
         letter = head[-1]
-        key = _key(
-            path, f"lora_embedding_{letter}" if layer.kind == "embedding" else f"{head}.weight"
-        )
+        key = _key(path, layer.peft_keys[0 if letter == "A" else 1])
         shape = tuple(tensor.shape)
         fused = None
         if letter == "B" and layer.expands_B:
@@ -250,7 +248,7 @@ def peft_config_dict(
         task_type=task,
         base_model_name_or_path=base_name(model),
         inference_mode=True,
-        fan_in_fan_out=any(layer.kind == "conv1d_gpt2" for _, layer in layers),
+        fan_in_fan_out=any(layer.fan_in_fan_out for _, layer in layers),
         revision=None,
         layers_pattern=None,
     )

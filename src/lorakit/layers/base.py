@@ -92,6 +92,10 @@ class LoraLayer(Merging, MixedRows, nn.Module):
     # -- what a kind says about its base modules (layers/kinds.py) -----------------------------
     #: the base modules this kind adapts, in words, for error messages
     describes: str = ""
+    #: the keys of A and B under the module's path in PEFT's files
+    peft_keys: tuple[str, str] = ("lora_A.weight", "lora_B.weight")
+    #: whether the base weight is stored (in, out), PEFT's ``fan_in_fan_out``
+    fan_in_fan_out: bool = False
 
     @classmethod
     def accepts(cls, module: nn.Module) -> bool | str:

@@ -21,6 +21,7 @@ from .rows import active_plan
 class LoraEmbedding(LoraLayer):
     kind = "embedding"
     describes = "nn.Embedding"
+    peft_keys = ("lora_embedding_A", "lora_embedding_B")
 
     @classmethod
     def accepts(cls, module):

@@ -192,6 +192,7 @@ class LoraConv1D(_LinearLike):
 
     kind = "conv1d_gpt2"
     describes = "transformers Conv1D"
+    fan_in_fan_out = True
 
     @classmethod
     def accepts(cls, module):
