@@ -188,18 +188,29 @@ def apply_lora(
 
 
 class _Undo:
-    """What ``apply_lora`` changed so far, to put back in reverse order if it fails."""
+    """What ``apply_lora`` changed so far, to put back in reverse order if it fails.
+
+    Kept as plain records (no closures), and dropped on success: ``apply_lora`` runs on models
+    with thousands of modules, and every object it allocates is more work for the collector.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.steps: list = []
+        self.steps: list[tuple] = []  # ("put_back", layer, paths, original) | ("drop", m, name)
         self.grads = [(p, p.requires_grad) for p in model.parameters()]
         self.active = [(m, m.active_adapter) for _, m in _wrappers(model)]
         self.had_registry = _REGISTRY in model.__dict__
 
     def rollback(self) -> None:
-        for step in reversed(self.steps):
-            step()
+        for kind, module, *rest in reversed(self.steps):
+            if kind == "drop":
+                module.delete_adapter(rest[0])
+                continue
+            paths, original = rest
+            back = original if original is not None else module.unload()
+            for path in paths:
+                if path and self.model.get_submodule(path) is module:
+                    _replace(self.model, path, back)
         for p, flag in self.grads:
             p.requires_grad_(flag)
         for module, name in self.active:
@@ -210,17 +221,10 @@ class _Undo:
     def put_back(self, layer: nn.Module, paths: list[str], original: nn.Module | None = None):
         """``layer`` replaced the module now at ``paths``: give that module back (a LoRA layer
         hands its base's tensors back with ``unload``)."""
-
-        def step():
-            module = original if original is not None else layer.unload()
-            for path in paths:
-                if path and self.model.get_submodule(path) is layer:
-                    _replace(self.model, path, module)
-
-        self.steps.append(step)
+        self.steps.append(("put_back", layer, paths, original))
 
     def drop(self, module: nn.Module, adapter_name: str) -> None:
-        self.steps.append(lambda: module.delete_adapter(adapter_name))
+        self.steps.append(("drop", module, adapter_name))
 
 
 def _inject(model, the_plan, config, adapter_name, adapter_dtype, undo: _Undo, table):

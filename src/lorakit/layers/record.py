@@ -13,7 +13,7 @@ import dataclasses
 import torch
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class AdapterRecord:
     """One adapter's rank, alpha, scale and dropout in one layer.
 
