@@ -25,7 +25,7 @@ from torch import nn
 from ..errors import ConfigError, LorakitError
 from ..model import apply_lora, count_parameters
 from . import checkpoint, schedule
-from .config import TrainConfig
+from .config import TrainConfig, resolve_auto
 from .data import IGNORE, Batches, Formatter, collate, encode_all, pack, read_jsonl
 from .evaluate import EvalResult, evaluate, heldout_loss
 from .loss import token_loss
@@ -118,6 +118,11 @@ def train(
         )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows_per_step = tc.batch_size * tc.grad_accum
+    cfg = resolve_auto(cfg, total - trainable if tc.method != "full" else total, len(train_rows))
+    for key in ("lr", "epochs"):
+        if getattr(tc, key) == "auto" and (key == "lr" or not tc.steps):
+            say(f"training.{key}: auto = {getattr(cfg.training, key):.3g}")
+    tc = cfg.training
     steps = tc.steps or max(1, math.ceil(tc.epochs * len(train_rows) / rows_per_step))
 
     # 4. Optimizer, schedule, data order; or all of them as a checkpoint left them.
