@@ -1,10 +1,11 @@
 """The evidence for the training defaults: learning rate, rank and epochs swept on small tasks.
 
     python bench/sweep_defaults.py --lr 2e-4 1e-3 2e-3 4e-3 --r 16     # one run per task and point
-    python bench/sweep_defaults.py --r 8 32 --lr 2e-3
+    python bench/sweep_defaults.py --r 8 32 --lr 2e-3 --tasks numbers
     python bench/sweep_defaults.py --epochs 2 3 --lr 2e-3
     python bench/sweep_defaults.py --defaults                            # data files only
-    python bench/sweep_defaults.py --table                  # the table, into BENCHMARKS.md
+    python bench/sweep_defaults.py --all       # the grid of BENCHMARKS.md (GRID below)
+    python bench/sweep_defaults.py --table     # the table, into BENCHMARKS.md
 
 Each run is ``lorakit.train.train`` on the embedded SmolLM2-135M-Instruct with a config that sets
 the task's data files and the swept keys and leaves everything else at its default (``lora.alpha``
@@ -23,6 +24,7 @@ import itertools
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +40,13 @@ RUNS = BENCH.parent / "runs" / "sweep_defaults"
 EVAL = ["evaluation.max_rows=48", "evaluation.batch_size=48"]
 QUIET = ["evaluation.samples=0", "output.plot=false", "output.overwrite=true"]
 TITLE = "Defaults that learn: learning rate, rank and epochs on small tasks (SmolLM2-135M)"
+# The grid behind BENCHMARKS.md's table (2 shared cores allowed no more), one command line each.
+GRID = [
+    "--lr 2e-3 --r 16 8 --tasks numbers",
+    "--lr 2e-3 --r 16 --tasks reverse",
+    "--lr 1e-3 4e-3 2e-4 --r 16 --tasks numbers",
+    "--defaults",
+]
 MARKERS = ("<!-- bench:defaults -->", "<!-- /bench:defaults -->")
 
 
@@ -67,7 +76,9 @@ def run_one(task: str, point: dict, threads: int, before: bool) -> dict:
     overrides.append(f"evaluation.max_new_tokens={tasks.TASKS[task][2]}")
     overrides += EVAL + QUIET + [f"output.dir={out}", f"training.threads={threads}"]
     overrides.append(f"evaluation.before={str(before).lower()}")
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     train(load_config(None, overrides))
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     s = json.loads((out / "summary.json").read_text())
     record = {
         "task": task,
@@ -81,6 +92,8 @@ def run_one(task: str, point: dict, threads: int, before: bool) -> dict:
         "before_loss": s["before"]["loss"] if s["before"] else None,
         "train_seconds": round(s["train_seconds"], 1),
         "total_seconds": round(s["total_seconds"], 1),
+        "cpu_seconds": round(cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime, 1),
+        "load_average": round(os.getloadavg()[0], 1),
         "threads": threads,
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
@@ -104,7 +117,7 @@ def sweep(points: list[dict], names: list[str], threads: int) -> None:
             )
 
 
-def cpu() -> str:
+def cpu_name() -> str:
     try:
         text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     except OSError:
@@ -120,8 +133,29 @@ def before(r: dict) -> str:
     return f"{100 * r['before_exact'] / r['total']:.0f} % (loss {r['before_loss']:.2f})"
 
 
+def cpu(r: dict) -> str:
+    return f", {r['cpu_seconds']:.0f} s CPU" if r.get("cpu_seconds") else ""
+
+
+def label(point: str) -> str:
+    """``lr=0.002,r=16`` -> ``lr 2e-3, r=16, 1 epoch``."""
+    if point == "defaults":
+        return "**defaults** (lr auto, r=8, epochs auto)"
+    keys = dict(item.split("=") for item in point.split(","))
+    lr = f"{float(keys['lr']):.0e}".replace("e-0", "e-") if "lr" in keys else "lr auto"
+    epochs = float(keys.get("epochs", 1))
+    return f"lr {lr}, r={keys.get('r', 8)}, {epochs:g} epoch{'s' if epochs != 1 else ''}"
+
+
+def order(point: str) -> tuple:
+    if point == "defaults":
+        return (1,)
+    keys = dict(item.split("=") for item in point.split(","))
+    return (0, float(keys.get("lr", 0)), int(keys.get("r", 8)), float(keys.get("epochs", 1)))
+
+
 def table() -> str:
-    rows = sorted(done().values(), key=lambda r: (r["point"], r["task"]))
+    rows = sorted(done().values(), key=lambda r: (order(r["point"]), r["task"]))
     names = list(tasks.TASKS)
     base = {r["task"]: r for r in rows if r["before_exact"] is not None}
     head = "| config (only data and these keys) | " + " | ".join(names) + " |"
@@ -142,10 +176,15 @@ def table() -> str:
                 "–"
                 if r is None
                 else f"{100 * r['exact'] / r['total']:.0f} % (loss {r['loss']:.2f}; "
-                f"{r['steps']} steps, {r['total_seconds']:.0f} s)"
+                f"{r['steps']} steps; {r['total_seconds']:.0f} s{cpu(r)})"
             )
-        lines.append(f"| {point} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label(point)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def load() -> str:
+    loads = sorted(r["load_average"] for r in done().values() if "load_average" in r)
+    return f"{loads[0]:g} to {loads[-1]:g}" if loads else "not recorded"
 
 
 def write_table(path: Path) -> None:
@@ -156,16 +195,19 @@ def write_table(path: Path) -> None:
             MARKERS[0],
             f"## {TITLE}",
             "",
-            "- command: `python bench/sweep_defaults.py ...` (the grid below; see its docstring), "
-            "then `python bench/sweep_defaults.py --table`",
+            "- command: `python bench/sweep_defaults.py --all --threads 1` (the command lines "
+            + "; ".join(f"`{line}`" for line in GRID)
+            + "), then `python bench/sweep_defaults.py --table`",
             f"- date: {dates[0]} to {dates[-1]}",
             f"- torch {torch.__version__}; Python {platform.python_version()}; "
-            f"threads: {', '.join(map(str, threads))}; CPU: {cpu()}",
+            f"threads: {', '.join(map(str, threads))}; CPU: {cpu_name()}",
             "- tasks (`bench/tasks.py`): "
             + "; ".join(f"{n} ({rows} training rows)" for n, (_, rows, _) in tasks.TASKS.items())
             + "; 48 held-out rows each over values never trained on",
-            "- each cell: held-out exact match (held-out loss; optimizer steps of 8 rows, "
-            "wall time of the whole run)",
+            "- each cell: held-out exact match (held-out loss; optimizer steps of 8 rows; wall "
+            "time of the whole run, loading and evaluation included, and the CPU time it took)",
+            f"- load average during the runs: {load()} (other jobs shared the 2 cores, so the wall "
+            "times are long; the CPU time is what a run costs)",
             "",
             table(),
             MARKERS[1],
@@ -189,7 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="*", default=list(tasks.TASKS))
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--table", action="store_true", help="write the table to BENCHMARKS.md")
+    parser.add_argument("--all", action="store_true", help="every command line of GRID")
     args = parser.parse_args(argv)
+    if args.all:
+        for line in GRID:
+            main([*line.split(), "--threads", str(args.threads)])
+        return 0
     if args.table:
         write_table(BENCH.parent / "BENCHMARKS.md")
         return 0
