@@ -46,6 +46,9 @@ GRID = [
     "--lr 2e-3 1e-3 --r 16 --tasks reverse",
     "--lr 1e-3 4e-3 2e-4 --r 16 --tasks numbers",
     "--defaults",
+    "--lr 2e-3 --r 8 --epochs 1 3 --tasks extract",
+    "--lr 1e-3 --r 8 --epochs 2 --tasks extract",
+    "--lr 2e-3 --r 16 --epochs 2 --tasks extract",
 ]
 NOTE = (
     "Other jobs shared the 2 cores during the sweep (load average 5 to 10), so the wall times are "
@@ -170,10 +173,10 @@ def table() -> str:
         + " | ".join(before(base[t]) if t in base else "–" for t in names)
         + " |"
     )
-    by_point: dict[str, dict[str, dict]] = {}
+    by_label: dict[str, dict[str, dict]] = {}  # "lr=0.002" and "lr=0.002,epochs=1" are one row
     for r in rows:
-        by_point.setdefault(r["point"], {})[r["task"]] = r
-    for point, got in by_point.items():
+        by_label.setdefault(label(r["point"]), {})[r["task"]] = r
+    for text, got in by_label.items():
         cells = []
         for t in names:
             r = got.get(t)
@@ -183,7 +186,7 @@ def table() -> str:
                 else f"{100 * r['exact'] / r['total']:.0f} % (loss {r['loss']:.2f}; "
                 f"{r['steps']} steps; {r['total_seconds']:.0f} s{cpu(r)})"
             )
-        lines.append(f"| {label(point)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {text} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
