@@ -51,7 +51,7 @@ GRID = [
     "--lr 2e-3 --r 16 --epochs 2 --tasks extract",
 ]
 NOTE = (
-    "Other jobs shared the 2 cores during the sweep (load average 5 to 10), so the wall times are "
+    "Other jobs shared the 2 cores during the sweep (load average 2 to 10), so the wall times are "
     "two to six times an idle machine's; the CPU time (user and system, one thread) is what a run "
     "costs."
 )
