@@ -64,5 +64,5 @@ def test_a_run_with_auto_values_uses_and_reports_them(tmp_path):
 
 def test_auto_is_the_only_word_a_number_key_takes(tmp_path):
     write_jsonl(tmp_path / "train.jsonl", date_rows(4))
-    with pytest.raises(ConfigError, match="training.lr='fast': expected a number or one of 'auto'"):
+    with pytest.raises(ConfigError, match="training.lr='fast': expected a number or 'auto'"):
         build({"data": {"train": str(tmp_path / "train.jsonl")}, "training": {"lr": "fast"}})

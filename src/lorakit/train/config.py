@@ -327,7 +327,8 @@ def _describe(hint: Any) -> str:
     words = []
     for option in options:
         if typing.get_origin(option) is Literal:
-            words.append("one of " + ", ".join(map(repr, typing.get_args(option))))
+            values = typing.get_args(option)
+            words.append(("one of " if len(values) > 1 else "") + ", ".join(map(repr, values)))
         elif option is type(None):
             words.append("null")
         else:
