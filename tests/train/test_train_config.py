@@ -32,7 +32,7 @@ def test_a_yaml_file_with_overrides(data):
     assert cfg.lora == LoraConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj"))
     assert cfg.model.dtype == "bfloat16"
     assert cfg.data.train == str(data / "train.jsonl")  # relative to the YAML file
-    assert load_config(None, [f"data.train={data / 'train.jsonl'}"]).training.lr == 2e-4
+    assert load_config(None, [f"data.train={data / 'train.jsonl'}"]).training.lr == "auto"
 
 
 def test_data_paths_in_the_file_are_relative_to_the_file_on_the_command_line_to_the_cwd(

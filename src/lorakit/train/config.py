@@ -4,10 +4,12 @@
 model:      {source: null, dtype: float32}          # null: the embedded SmolLM2-135M-Instruct
 data:       {train: train.jsonl, eval: held_out.jsonl, max_length: 512}
 lora:       {r: 16, alpha: 32, target_modules: all-linear}   # the LoraConfig fields
-training:   {method: lora, steps: 150, batch_size: 8, lr: 2.0e-3}
+training:   {method: lora, steps: 150, batch_size: 8, lr: 2.0e-3}   # lr, epochs: auto if not given
 evaluation: {max_new_tokens: 16}
 output:     {dir: runs/demo}
 ```
+
+Only ``data.train`` is required; the defaults are chosen to learn a small task in one run.
 
 Everything is checked here, before any weight is loaded: an unknown section or key is an error
 listing the valid ones, a value of the wrong type or out of range names its dotted key, and every
@@ -58,14 +60,16 @@ class DataSection:
 @dataclass(frozen=True)
 class TrainingSection:
     """The optimisation. ``steps`` are optimizer steps of ``batch_size * grad_accum`` rows; when it
-    is null, ``epochs`` passes over the training rows decide it."""
+    is null, ``epochs`` passes over the training rows decide it. ``lr`` and ``epochs`` are ``auto``
+    unless given: see :func:`auto_lr` and :func:`auto_epochs` (computed once the model is loaded
+    and the rows are read)."""
 
     method: Literal["lora", "qlora", "full"] = "lora"
     steps: int | None = None
-    epochs: float = 1.0
+    epochs: float | Literal["auto"] = "auto"
     batch_size: int = 8
     grad_accum: int = 1
-    lr: float = 2e-4
+    lr: float | Literal["auto"] = "auto"
     weight_decay: float = 0.0
     warmup_steps: int = 0
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
@@ -155,6 +159,41 @@ def valid_keys() -> dict[str, list[str]]:
     keys = {name: [f.name for f in dataclasses.fields(cls)] for name, cls in SECTIONS.items()}
     keys["lora"] = [f.name for f in dataclasses.fields(LoraConfig)]
     return {name: keys[name] for name in TrainConfig.__dataclass_fields__}
+
+
+# ``auto`` values, chosen from a sweep on small tasks (BENCHMARKS.md, "Defaults that learn").
+AUTO_LR = {"lora": 2e-3, "qlora": 2e-3, "full": 5e-5}  # at AUTO_LR_PARAMS base parameters
+AUTO_LR_PARAMS = 135e6  # SmolLM2-135M-Instruct, the model the sweep ran on
+AUTO_MIN_STEPS = 100  # epochs: auto passes over the data until at least this many steps ...
+AUTO_MAX_EPOCHS = 3  # ... but never more passes than this
+
+
+def auto_lr(method: str, params: int) -> float:
+    """``training.lr: auto``: the method's rate at 135M parameters (2e-3 for LoRA and QLoRA, 5e-5
+    for a full fine-tune), times ``sqrt(135M / params)`` for larger bases (a 7B base gets 2.8e-4
+    with LoRA, close to the usual 2e-4), never more for smaller ones."""
+    return AUTO_LR[method] * min(1.0, (AUTO_LR_PARAMS / max(params, 1)) ** 0.5)
+
+
+def auto_epochs(rows: int, rows_per_step: int) -> float:
+    """``training.epochs: auto``: one pass over ``rows`` training rows, or more when one pass is
+    fewer than 100 optimizer steps: as many as make 100 steps, at most 3 passes."""
+    passes = AUTO_MIN_STEPS * rows_per_step / max(rows, 1)
+    return float(min(AUTO_MAX_EPOCHS, max(1.0, passes)))
+
+
+def resolve_auto(config: TrainConfig, params: int, rows: int) -> TrainConfig:
+    """``config`` with its ``auto`` values computed for a base of ``params`` parameters and
+    ``rows`` training rows (after packing); a config without ``auto`` comes back unchanged."""
+    tc = config.training
+    changes: dict[str, float] = {}
+    if tc.lr == "auto":
+        changes["lr"] = auto_lr(tc.method, params)
+    if tc.epochs == "auto":
+        changes["epochs"] = auto_epochs(rows, tc.batch_size * tc.grad_accum)
+    if not changes:
+        return config
+    return dataclasses.replace(config, training=dataclasses.replace(tc, **changes))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
@@ -269,10 +308,17 @@ def _section(name: str, cls: type, values: dict[str, Any], problems: list[str]) 
     return cls(**kept)
 
 
+def _options(hint: Any) -> tuple[Any, ...]:
+    """The types a hint allows: ``float | Literal["auto"]`` is a ``typing.Union``, ``int | None`` a
+    ``types.UnionType``."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    return typing.get_args(hint) if union else (hint,)
+
+
 def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
     """(ok, value): ``value`` checked against a type hint. Numbers written as strings are read
     (YAML 1.1 reads ``2e-3`` as a string); bools are never numbers."""
-    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    options = _options(hint)
     if value is None:
         return type(None) in options, value
     for option in options:
@@ -298,11 +344,12 @@ def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
 
 
 def _describe(hint: Any) -> str:
-    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    options = _options(hint)
     words = []
     for option in options:
         if typing.get_origin(option) is Literal:
-            words.append("one of " + ", ".join(map(repr, typing.get_args(option))))
+            values = typing.get_args(option)
+            words.append(("one of " if len(values) > 1 else "") + ", ".join(map(repr, values)))
         elif option is type(None):
             words.append("null")
         else:

@@ -20,7 +20,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..generate import Encoded, Formatter
 from ..model import apply_lora, count_parameters
-from .config import TrainConfig
+from .config import TrainConfig, resolve_auto
 from .data import encode_all, pack, read_jsonl
 from .metrics import read_metrics
 from .output import prepare
@@ -51,7 +51,8 @@ def setup(
     config: TrainConfig, *, model: nn.Module | None = None, tokenizer: Any = None, say: Any = print
 ) -> Setup:
     """Steps 1 to 3 of a run (see ``loop.py``); ``model``/``tokenizer``: use these instead of
-    loading ``config.model.source`` (the model is changed in place)."""
+    loading ``config.model.source`` (the model is changed in place). The returned ``cfg`` has its
+    ``auto`` values (``training.lr``, ``training.epochs``) computed."""
     cfg, tc, ec = config, config.training, config.evaluation
     out = Path(cfg.output.dir)
 
@@ -100,6 +101,12 @@ def setup(
         )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows_per_step = tc.batch_size * tc.grad_accum
+    # lr and epochs "auto": computed for this base's size and these rows (config.resolve_auto)
+    cfg = resolve_auto(cfg, total - trainable if tc.method != "full" else total, len(train_rows))
+    for key in ("lr", "epochs"):
+        if getattr(tc, key) == "auto" and (key == "lr" or not tc.steps):
+            say(f"training.{key}: auto = {getattr(cfg.training, key):.3g}")
+    tc = cfg.training
     steps = tc.steps or max(1, math.ceil(tc.epochs * len(train_rows) / rows_per_step))
     return Setup(
         cfg, model, tokenizer, model_name, device, train_rows, eval_rows,
