@@ -2,9 +2,8 @@
 uses them."""
 
 import pytest
-from test_train_loop import Quiet
 
-from conftest import char_tokenizer, date_rows, run_config, tiny_llama, write_jsonl
+from conftest import Quiet, char_tokenizer, date_rows, run_config, tiny_llama, write_jsonl
 from lorakit import ConfigError
 from lorakit.train import train
 from lorakit.train.config import auto_epochs, auto_lr, build, load_config, resolve_auto
