@@ -22,6 +22,7 @@ from .io import (
     inspect_adapter,
     load_adapter,
     merge_state_dict,
+    merged_state_dict,
     pad_adapter_rank,
     save_adapter,
 )
@@ -38,7 +39,6 @@ from .model import (
     lora_layers,
     merge,
     merge_and_unload,
-    merged_state_dict,
     print_trainable_parameters,
     remove_lora,
     set_adapter,

@@ -17,7 +17,7 @@ from . import layers as L
 from .adapter_memory import add_adapter, check_memory
 from .config import LoraConfig
 from .errors import AdapterError, MergeError, gather
-from .quant import QuantizedWeight, quantized_weights
+from .quant import quantized_weights
 from .targeting import parameter_line, plan
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]{0,99}")
@@ -120,7 +120,8 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, L.LoraLayer]]:
             yield path, module
 
 
-def _wrappers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+def wrapper_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(path, module) for every LoRA layer and saved module (``modules_to_save``) in the model."""
     for path, module in model.named_modules():
         if isinstance(module, (L.LoraLayer, L.SavedModule)):
             yield path, module
@@ -128,7 +129,7 @@ def _wrappers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 def adapter_parameters(model: nn.Module, adapter_name: str | None = None) -> Iterator[nn.Parameter]:
     """The parameters that belong to adapters (all, or one adapter's): A, B and saved copies."""
-    for _, module in _wrappers(model):
+    for _, module in wrapper_modules(model):
         names = module.adapter_names if adapter_name is None else [adapter_name]
         for n in names:
             if n in module.adapter_names:
@@ -198,7 +199,7 @@ class _Undo:
         self.model = model
         self.steps: list[tuple] = []  # ("put_back", layer, paths, original) | ("drop", m, name)
         self.grads = [(p, p.requires_grad) for p in model.parameters()]
-        self.active = [(m, m.active_adapter) for _, m in _wrappers(model)]
+        self.active = [(m, m.active_adapter) for _, m in wrapper_modules(model)]
         self.had_registry = _REGISTRY in model.__dict__
 
     def rollback(self) -> None:
@@ -305,13 +306,13 @@ def set_adapter(model: nn.Module, adapter_name: str | None) -> None:
             f"cannot switch to {adapter_name!r} while adapters are merged into "
             f"{', '.join(merged[:3])}{', ...' if len(merged) > 3 else ''}; call unmerge first"
         )
-    for _, module in _wrappers(model):
+    for _, module in wrapper_modules(model):
         module.set_adapter(adapter_name)
 
 
 def active_adapter(model: nn.Module) -> str | None:
     """The adapter forward adds, or None."""
-    for _, module in _wrappers(model):
+    for _, module in wrapper_modules(model):
         if module.active_adapter is not None:
             return module.active_adapter
     return None
@@ -322,7 +323,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     adapters = registry(model)
     adapters.require(adapter_name)
     root = model
-    for path, module in list(_wrappers(model)):
+    for path, module in list(wrapper_modules(model)):
         if adapter_name in module.adapter_names:
             module.delete_adapter(adapter_name)
         if not module.adapter_names:
@@ -351,7 +352,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             f"cannot disable adapters while merged into {len(merged)} module(s) "
             f"({', '.join(merged[:3])}{', ...' if len(merged) > 3 else ''}); call unmerge first"
         )
-    modules = [m for _, m in _wrappers(model)]
+    modules = [m for _, m in wrapper_modules(model)]
     before = [m.disabled for m in modules]
     try:
         for m in modules:
@@ -513,7 +514,7 @@ def remove_lora(model: nn.Module) -> nn.Module:
 
 def _unload(model: nn.Module) -> nn.Module:
     model.__dict__.pop(_REGISTRY, None)
-    for path, module in reversed(list(_wrappers(model))):
+    for path, module in reversed(list(wrapper_modules(model))):
         plain = module.unload()
         if not path:
             model = plain
@@ -521,59 +522,6 @@ def _unload(model: nn.Module) -> nn.Module:
             _replace(model, path, plain)
     model.__dict__.pop(_REGISTRY, None)
     return model
-
-
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The base model's state dict with the active adapter folded in; the model is not changed.
-
-    Keys are the base model's own (LoRA layers keep them; a saved module contributes its active
-    trained copy under the original path), so ``base.load_state_dict(merged_state_dict(m))`` on a
-    fresh base gives the merged model.
-    """
-    wrappers = dict(_wrappers(model))
-    out: dict[str, torch.Tensor] = {}
-    written: set[str] = set()
-    # In the model's own key order: a wrapper's entries (its adapters left out) replace its keys
-    # where they first appear; "" is the path when the model itself is a wrapper.
-    for key, value in model.state_dict().items():
-        owner = _owner(key, wrappers)
-        if owner is None:
-            out[key] = value
-        elif owner not in written:
-            written.add(owner)
-            out.update(_merged_entries(owner, wrappers[owner]))
-    return out
-
-
-def _owner(key: str, wrappers: dict[str, nn.Module]) -> str | None:
-    """The path of the wrapper a state-dict key belongs to, or None."""
-    if "" in wrappers:
-        return ""
-    parts = key.split(".")
-    for i in range(1, len(parts)):
-        path = ".".join(parts[:i])
-        if path in wrappers:
-            return path
-    return None
-
-
-def _merged_entries(path: str, module: nn.Module) -> dict[str, torch.Tensor]:
-    """A wrapper's base entries with the active adapter folded in, under the base's keys."""
-    prefix = f"{path}." if path else ""
-    if isinstance(module, L.SavedModule):
-        return {prefix + k: v for k, v in module.unload().state_dict().items()}
-    name = module._route
-    if name is None and isinstance(module.weight, QuantizedWeight):  # unchanged: as stored
-        stored = module.weight.state_dict(prefix="weight.")
-        out = {prefix + k: v.detach() for k, v in stored.items()}
-    elif name is None:
-        out = {prefix + "weight": module.weight.detach()}
-    else:  # a quantized base merges in full precision
-        with torch.no_grad():
-            out = {prefix + "weight": module.merged_weight(name)}
-    if module.bias is not None:
-        out[prefix + "bias"] = module.bias.detach()
-    return out
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -15,7 +15,7 @@ from .adapter import AdapterFile, load_adapter, read_adapter, save_adapter
 from .export import export_merged
 from .hotswap import hotswap_adapter, pad_adapter_rank
 from .inspect import format_adapter, inspect_adapter
-from .merge_state import merge_state_dict
+from .merge_state import merge_state_dict, merged_state_dict
 
 __all__ = [
     "AdapterFile",
@@ -25,6 +25,7 @@ __all__ = [
     "inspect_adapter",
     "load_adapter",
     "merge_state_dict",
+    "merged_state_dict",
     "pad_adapter_rank",
     "read_adapter",
     "save_adapter",

@@ -1,4 +1,9 @@
-"""Merging an adapter into a base state dict, with no model: ``W' = W + s · B A`` on tensors.
+"""Merged state dicts: from an adapted model (``merged_state_dict``), or with no model at all.
+
+``merged_state_dict(model)`` gives the base model's state dict with the active adapter folded in,
+under the base's own keys; the model is not changed.
+
+Merging an adapter into a base state dict, with no model: ``W' = W + s · B A`` on tensors.
 
 ``merge_state_dict(base, adapter, config)`` takes the base model's tensors (a state dict, or one
 safetensors shard of it), an adapter's tensors in PEFT's file layout (``read_adapter(dir).tensors``:
@@ -20,9 +25,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+from torch import nn
 
 from ..config import LoraConfig
 from ..errors import AdapterFileError, ConfigError
+from ..layers import SavedModule
+from ..model import wrapper_modules
+from ..quant import QuantizedWeight
 from .adapter import AdapterFile
 from .peft_format import PREFIX, _lookup
 
@@ -135,3 +144,56 @@ def _delta(weight, a, b, flip: bool, path: str) -> torch.Tensor:
             f"{path}: B A has shape {tuple(delta.shape)}, the base weight {tuple(weight.shape)}"
         )
     return delta
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's state dict with the active adapter folded in; the model is not changed.
+
+    Keys are the base model's own (LoRA layers keep them; a saved module contributes its active
+    trained copy under the original path), so ``base.load_state_dict(merged_state_dict(m))`` on a
+    fresh base gives the merged model.
+    """
+    wrappers = dict(wrapper_modules(model))
+    out: dict[str, torch.Tensor] = {}
+    written: set[str] = set()
+    # In the model's own key order: a wrapper's entries (its adapters left out) replace its keys
+    # where they first appear; "" is the path when the model itself is a wrapper.
+    for key, value in model.state_dict().items():
+        owner = _owner(key, wrappers)
+        if owner is None:
+            out[key] = value
+        elif owner not in written:
+            written.add(owner)
+            out.update(_merged_entries(owner, wrappers[owner]))
+    return out
+
+
+def _owner(key: str, wrappers: dict[str, nn.Module]) -> str | None:
+    """The path of the wrapper a state-dict key belongs to, or None."""
+    if "" in wrappers:
+        return ""
+    parts = key.split(".")
+    for i in range(1, len(parts)):
+        path = ".".join(parts[:i])
+        if path in wrappers:
+            return path
+    return None
+
+
+def _merged_entries(path: str, module: nn.Module) -> dict[str, torch.Tensor]:
+    """A wrapper's base entries with the active adapter folded in, under the base's keys."""
+    prefix = f"{path}." if path else ""
+    if isinstance(module, SavedModule):
+        return {prefix + k: v for k, v in module.unload().state_dict().items()}
+    name = module._route
+    if name is None and isinstance(module.weight, QuantizedWeight):  # unchanged: as stored
+        stored = module.weight.state_dict(prefix="weight.")
+        out = {prefix + k: v.detach() for k, v in stored.items()}
+    elif name is None:
+        out = {prefix + "weight": module.weight.detach()}
+    else:  # a quantized base merges in full precision
+        with torch.no_grad():
+            out = {prefix + "weight": module.merged_weight(name)}
+    if module.bias is not None:
+        out[prefix + "bias"] = module.bias.detach()
+    return out
