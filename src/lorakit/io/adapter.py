@@ -313,10 +313,14 @@ def check_finite(file: AdapterFile) -> None:
         )
 
 
-def overflow(key: str, value: torch.Tensor, target: torch.Tensor) -> str:
-    """A problem line when the finite ``value`` would not be finite in ``target``'s dtype (a
-    float64 value beyond float32's range, say), else ``""``."""
+def overflow(key: str, value: torch.Tensor, target: torch.Tensor, finite: bool = False) -> str:
+    """A problem line when ``value`` would not be finite in ``target``'s dtype (a float64 value
+    beyond float32's range, or a B a hot swap scaled up), else ``""``. ``finite``: ``value`` is
+    known to be finite (checked by :func:`check_finite`), so a dtype of at least its range needs
+    no look at the values."""
     if not (value.is_floating_point() and target.is_floating_point()):
+        return ""
+    if finite and torch.finfo(target.dtype).max >= torch.finfo(value.dtype).max:
         return ""
     if bool(torch.isfinite(value.to(target.dtype)).all()):
         return ""
@@ -426,7 +430,7 @@ def _load_tensors(model: nn.Module, file: AdapterFile, name: str, bias: str) -> 
         if not torch.equal(slot.target.detach(), value.to(slot.target.device, slot.target.dtype)):
             values.append((slot, value))
             replaced.append(key.removeprefix(PREFIX))
-    too_large = [overflow(slot.key, value, slot.target) for slot, value in values]
+    too_large = [overflow(slot.key, value, slot.target, finite=True) for slot, value in values]
     if any(too_large):
         header = f"the adapter at {file.directory} does not fit {type(model).__name__}"
         raise AdapterFileError(_listing(header, [p for p in too_large if p]))
