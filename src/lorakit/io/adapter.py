@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..config import LoraConfig
-from ..errors import AdapterError, AdapterFileError, ConfigError
+from ..errors import AdapterFileError, ConfigError
 from ..model import (
     active_adapter,
     adapter_configs,
@@ -34,6 +34,7 @@ from ..model import (
     check_adapter_name,
     delete_adapter,
     lora_layers,
+    require_adapter,
     set_adapter,
 )
 from ..targeting import plan, suffix_match
@@ -67,11 +68,7 @@ def save_adapter(
 
     check_adapter_name(adapter_name)
     target = safety.check_path(directory, "adapter directory")
-    configs = adapter_configs(model)
-    if adapter_name not in configs:
-        known = ", ".join(configs) or "none"
-        raise AdapterError(f"no adapter named {adapter_name!r} to save (adapters: {known})")
-    config = configs[adapter_name]
+    config = require_adapter(model, adapter_name, "save")
     layers = [(p, layer) for p, layer in lora_layers(model) if adapter_name in layer.lora_A]
     peft_dict = peft_config_dict(model, adapter_name, config, layers)
     required, _ = slots(model, adapter_name, config.bias, optional=False)
