@@ -55,7 +55,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="answer prompts with the base model and adapters",
         description=__doc__.split("\n\n")[0],
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "prompts", nargs="+", metavar="PROMPT", help="prompts ('-': one per line of stdin)"
