@@ -38,7 +38,7 @@ BROKEN_PIPE_STATUS = 141
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # lorakit/
 
 # The order commands are listed in; a command module not named here comes after, by name.
-ORDER = ("init", "train", "eval", "generate", "chat", "merge", "inspect")
+ORDER = ("init", "train", "eval", "generate", "chat", "serve", "merge", "inspect")
 
 
 def commands() -> list[str]:

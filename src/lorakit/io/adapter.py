@@ -257,9 +257,25 @@ def load_adapter(
     infinite value in any tensor of the file is an error naming the tensor.
     """
     check_adapter_name(adapter_name)
-    file = read_adapter(adapter_path(directory, subfolder), allow_bin=allow_bin)
-    path = file.directory
+    file = read_checked(adapter_path(directory, subfolder), allow_bin=allow_bin)
+    return attach_adapter(model, file, adapter_name, allow_base_mismatch=allow_base_mismatch)
+
+
+def read_checked(directory: str | os.PathLike, *, allow_bin: bool = False) -> AdapterFile:
+    """The first half of :func:`load_adapter`, which needs no model: the directory read and
+    every tensor checked finite. A server does this away from its model's thread."""
+    file = read_adapter(directory, allow_bin=allow_bin)
     check_finite(file)
+    return file
+
+
+def attach_adapter(
+    model: nn.Module, file: AdapterFile, adapter_name: str, *, allow_base_mismatch: bool = False
+) -> nn.Module:
+    """The second half of :func:`load_adapter`: a file from :func:`read_checked` checked against
+    the model and loaded into it as ``adapter_name`` (all or nothing)."""
+    check_adapter_name(adapter_name)
+    path = file.directory
     config = file.lora_config()
     config = _without_absent_task_modules(config, model, file.config.get("task_type"))
     _check_base(model, file, allow_base_mismatch)

@@ -31,6 +31,9 @@ PACKAGES = {
     "transformers": ("transformers", "hf"),
     "gguf": ("gguf", "hf"),
     "accelerate": ("accelerate", "hf"),
+    "fastapi": ("fastapi", "serve"),
+    "uvicorn": ("uvicorn", "serve"),
+    "pydantic": ("pydantic", "serve"),
 }
 
 

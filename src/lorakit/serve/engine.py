@@ -1,0 +1,447 @@
+"""The continuous-batching engine: one thread owns the model and runs decoding steps.
+
+Each turn of the loop (``Engine.run``):
+
+1. runs the control work handed to it (an admin's unload) and attaches adapters whose files the
+   store's worker has read, evicting the least recently used idle one past ``max_loras``;
+2. admits waiting requests while there is room (``max_seqs`` rows): each prompt is prefilled
+   alone with its own adapter, its first token chosen, and its cache joins the batch
+   (:class:`~lorakit.serve.batch.BatchCache`); a request whose adapter is still loading waits
+   without holding up those behind it;
+3. runs one forward of one new token for every running row, rows on different adapters (and on
+   the base) in the same batch through :func:`lorakit.adapter_per_row`, and picks each row's next
+   token with its own sampling settings and random stream (:mod:`lorakit.sampling`);
+4. sends each request its new text; rows that finished, or whose client went away, leave.
+
+Requests talk to the engine through ``submit`` and the ``emit`` callback they carry (called from
+the engine's thread with event dicts: ``delta``, ``done`` per choice, ``error``).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import LorakitError
+from ..model import adapter_per_row, delete_adapter, list_adapters
+from ..sampling import Sampling, StopText, choose, generator_for
+from .batch import BatchCache, cache_keyword, layers_of, new_cache
+from .store import AdapterStore, Entry
+
+log = logging.getLogger("lorakit.serve")
+
+
+class Busy(LorakitError, RuntimeError):
+    """The waiting queue is full, or the server is shutting down."""
+
+
+@dataclass(eq=False)
+class Request:
+    """One API request: its prompts (token ids), each answered ``n`` times."""
+
+    id: str
+    model: str  # the name it asked for
+    adapter: str | None  # None: the base
+    prompts: list[list[int]]
+    n: int
+    max_tokens: int
+    sampling: Sampling
+    stops: tuple[str, ...]
+    emit: Callable[[dict], None]
+    tokenizer: Any = None  # the adapter's own, or the base's
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    entry: Entry | None = None
+    arrived: float = field(default_factory=time.monotonic)
+    next_prompt: int = 0  # prompts admitted so far
+
+    @property
+    def choices(self) -> int:
+        return len(self.prompts) * self.n
+
+
+@dataclass(eq=False)
+class Job:
+    """One choice of a request: a row of the batch while it runs."""
+
+    request: Request
+    index: int  # the choice's index in the response
+    prompt_len: int
+    sampling: Sampling
+    generator: torch.Generator
+    stop: StopText
+    tokens: list[int] = field(default_factory=list)
+    sent: str = ""
+    last: int = 0
+    finish: str | None = None
+
+
+class Engine:
+    """See the module docstring. ``eos``: the token ids that end an answer."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        store: AdapterStore,
+        *,
+        max_seqs: int = 16,
+        max_waiting: int = 256,
+        eos: set[int] | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.store = store
+        self.max_seqs = max_seqs
+        self.max_waiting = max_waiting
+        self.device = next(model.parameters()).device
+        self.eos = set(eos or ())
+        self.cache_kw = cache_keyword(model)
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Job] = []
+        self.batch = BatchCache()
+        self.cv = threading.Condition()
+        self.control: list[Callable[[], None]] = []
+        self.unloading: list[Entry] = []
+        self.stopping = False
+        self.closed = False
+        self.stats = collections.Counter()
+        self.batch_sizes = collections.Counter()  # rows per decoding step -> steps
+        self.thread = threading.Thread(target=self.run, name="lorakit-engine", daemon=True)
+
+    # -- the interface the HTTP side uses ---------------------------------------------------
+    def start(self) -> None:
+        self.thread.start()
+
+    def submit(self, request: Request) -> None:
+        with self.cv:
+            if self.stopping:
+                raise Busy("the server is shutting down")
+            if len(self.waiting) >= self.max_waiting:
+                raise Busy(f"the waiting queue is full ({self.max_waiting} requests)")
+            if request.entry is not None:
+                with self.store.lock:
+                    request.entry.users += 1
+                self._start_load(request.entry)
+            self.waiting.append(request)
+            self.stats["requests"] += 1
+            self.cv.notify()
+
+    def call(self, work: Callable[[], None]) -> None:
+        """Run ``work`` on the engine's thread between two steps."""
+        with self.cv:
+            self.control.append(work)
+            self.cv.notify()
+
+    def wake(self, *_: object) -> None:
+        with self.cv:
+            self.cv.notify()
+
+    def shutdown(self, grace: float) -> None:
+        """Stop admitting; let running rows finish for ``grace`` seconds, then cancel them."""
+        with self.cv:
+            self.stopping = True
+            self.cv.notify()
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and (self.running or self.waiting):
+            time.sleep(0.02)
+        with self.cv:
+            self.closed = True
+            self.cv.notify()
+        self.thread.join(timeout=30)
+        self.store.close()
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        """(running rows, waiting requests)."""
+        return len(self.running), len(self.waiting)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self) -> None:
+        while True:
+            with self.cv:
+                while not (self.closed or self.control or self._has_work()):
+                    self.cv.wait(timeout=0.5)
+                if self.closed:
+                    break
+                control, self.control = self.control, []
+            try:
+                for work in control:
+                    work()
+                self._attach_ready()
+                self._admit()
+                self._drop_cancelled()
+                if self.running:
+                    self._step()
+                self._unload_idle()
+            except Exception:  # the engine must outlive any one request's failure
+                log.exception("engine step failed; failing the running requests")
+                self._fail_running("internal error in the decoding step")
+        for job in self.running:
+            self._error(job.request, 503, "the server shut down before the answer was finished")
+        for request in self.waiting:
+            self._error(request, 503, "the server shut down before the request was started")
+
+    def _has_work(self) -> bool:
+        if self.running:
+            return True
+        if self.stopping:
+            return bool(self.waiting)
+        return any(self._admissible(r) != "wait" for r in self.waiting)
+
+    def _admissible(self, request: Request) -> str:
+        """'go', 'wait' (its adapter is loading) or 'failed'."""
+        entry = request.entry
+        if entry is None or entry.state in ("ready", "on disk"):
+            return "go"  # ready, or to be read (again, after an eviction)
+        if entry.state == "failed" and entry.future is None:
+            return "failed"
+        if entry.future is not None and entry.future.done():
+            return "go"  # read, to be attached
+        return "wait"
+
+    def _attach_ready(self) -> None:
+        for request in list(self.waiting):
+            entry = request.entry
+            if entry is None or entry.state == "ready":
+                continue
+            if entry.state in ("on disk", "failed") and entry.future is None:
+                self._start_load(entry)
+            if entry.future is not None and entry.future.done():
+                self._attach(entry)
+
+    def _start_load(self, entry: Entry) -> None:
+        self.store.start_load(entry, self._read)
+        if entry.future is not None:
+            entry.future.add_done_callback(self.wake)
+
+    def _read(self, entry: Entry):
+        """On the store's worker: the files read and checked, and the adapter's own tokenizer."""
+        from ..io.adapter import read_checked
+
+        file = read_checked(entry.path, allow_bin=self.store.allow_bin)
+        tokenizer = None
+        if self.store.tokenizer_files(entry.path):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(entry.path))
+            vocab = self.model.get_input_embeddings().weight.shape[0]
+            if len(tokenizer) > vocab:
+                raise LorakitError(
+                    f"{entry.path}: its tokenizer has {len(tokenizer)} tokens, more than the "
+                    f"base model's {vocab} embeddings"
+                )
+        return file, tokenizer
+
+    def _attach(self, entry: Entry) -> None:
+        from ..io.adapter import attach_adapter
+
+        future = entry.future
+        try:
+            file, tokenizer = future.result()
+        except Exception as exc:  # noqa: BLE001 - any failure of a file is the adapter's error
+            self.store.fail(entry, f"adapter {entry.name!r} could not be loaded: {exc}")
+            log.warning("adapter %s failed to load: %s", entry.name, exc)
+            return
+        victim = self.store.victim()
+        if victim is not None:
+            self._evict(victim)
+        elif len(self.store.loaded()) >= self.store.max_loras:
+            return  # every adapter in memory is in use: wait for one to be idle
+        try:
+            self.model = attach_adapter(self.model, file, entry.name)
+        except Exception as exc:  # noqa: BLE001
+            self.store.fail(entry, f"adapter {entry.name!r} could not be loaded: {exc}")
+            log.warning("adapter %s failed to load: %s", entry.name, exc)
+            return
+        with self.store.lock:
+            entry.state, entry.tokenizer, entry.future = "ready", tokenizer, None
+            entry.last_used = time.monotonic()
+            self.store.loads += 1
+        log.info("adapter %s loaded from %s", entry.name, entry.path)
+
+    def _evict(self, entry: Entry) -> None:
+        if entry.name in list_adapters(self.model):
+            self.model = delete_adapter(self.model, entry.name)
+        with self.store.lock:
+            entry.state, entry.tokenizer = "on disk", None
+            self.store.evictions += 1
+        log.info("adapter %s evicted", entry.name)
+
+    def unload(self, entry: Entry) -> None:
+        """Take ``entry`` out of memory once no running row uses it (runs on the engine's
+        thread, through ``call``); requests still waiting for it fail with a 404."""
+        self.unloading.append(entry)
+        for request in [r for r in self.waiting if r.entry is entry]:
+            self.waiting.remove(request)
+            self._error(request, 404, f"the adapter {entry.name!r} was unloaded")
+
+    def _unload_idle(self) -> None:
+        for entry in list(self.unloading):
+            if not any(j.request.entry is entry for j in self.running):
+                self.unloading.remove(entry)
+                if entry.state == "ready":
+                    self._evict(entry)
+
+    # -- admitting and stepping -------------------------------------------------------------
+    def _admit(self) -> None:
+        for request in list(self.waiting):
+            if request.cancelled.is_set():
+                self.waiting.remove(request)
+                self._release(request)
+                continue
+            state = self._admissible(request)
+            if state == "failed":
+                self.waiting.remove(request)
+                self._error(request, 422, request.entry.error)
+                continue
+            if state == "wait" or (request.entry and request.entry.state != "ready"):
+                continue
+            while request.next_prompt < len(request.prompts):
+                if len(self.running) + request.n > self.max_seqs and self.running:
+                    return  # no room now; keep the order of arrival
+                self._prefill(request, request.next_prompt)
+                request.next_prompt += 1
+            self.waiting.remove(request)
+
+    def _rows(self, names: list[str | None]):
+        if not list_adapters(self.model):
+            return contextlib.nullcontext()
+        return adapter_per_row(self.model, names)
+
+    def _forward(self, names, **inputs):
+        with torch.no_grad(), self._rows(names):
+            return self.model(**inputs, use_cache=True)
+
+    def _prefill(self, request: Request, p: int) -> None:
+        ids = request.prompts[p]
+        cache = new_cache()
+        if request.entry is not None:
+            request.entry.last_used = time.monotonic()
+        x = torch.tensor([ids], device=self.device)
+        out = self._forward([request.adapter], input_ids=x, **{self.cache_kw: cache})
+        logits = out.logits[0, -1]
+        self.stats["prompt_tokens"] += len(ids)
+        jobs = []
+        for k in range(request.n):
+            index = p * request.n + k
+            sampling = request.sampling
+            if sampling.seed is not None and index:
+                sampling = Sampling(**{**sampling.__dict__, "seed": sampling.seed + index})
+            generator = generator_for(sampling)
+            jobs.append(Job(request, index, len(ids), sampling, generator, StopText(request.stops)))
+        self.batch.join(layers_of(cache), len(ids), len(jobs))
+        self.running += jobs
+        for job in jobs:
+            self._advance(job, logits)
+        self._leave()
+
+    def _step(self) -> None:
+        jobs = self.running
+        self.batch_sizes[len(jobs)] += 1
+        self.stats["steps"] += 1
+        cache, mask, positions = self.batch.step_inputs()
+        ids = torch.tensor([[j.last] for j in jobs], device=self.device)
+        out = self._forward(
+            [j.request.adapter for j in jobs],
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            **{self.cache_kw: cache},
+        )
+        self.batch.after_step(cache)
+        logits = out.logits[:, -1]
+        for i, job in enumerate(jobs):
+            self._advance(job, logits[i])
+        self._leave()
+
+    def _advance(self, job: Job, logits: torch.Tensor) -> None:
+        """Take one token for ``job`` and tell its request what is new."""
+        request = job.request
+        choice = choose(logits, job.sampling, job.generator)
+        job.tokens.append(choice.token)
+        job.last = choice.token
+        self.stats["generated_tokens"] += 1
+        tokenizer = request.tokenizer
+        ended = choice.token in self.eos
+        text_ids = job.tokens[:-1] if ended else job.tokens
+        text = tokenizer.decode(text_ids, skip_special_tokens=True)
+        safe, stopped = job.stop.scan(text)
+        if stopped or ended:
+            job.finish = "stop"
+        elif len(job.tokens) >= request.max_tokens:
+            job.finish = "length"
+        if job.finish and not stopped:
+            safe = text
+        event: dict[str, Any] = {"kind": "delta", "index": job.index, "text": safe[len(job.sent) :]}
+        job.sent = safe
+        if job.sampling.top_logprobs is not None:
+            event["logprob"] = self._logprob(tokenizer, choice)
+        if event["text"] or "logprob" in event:
+            request.emit(event)
+        if job.finish:
+            request.emit(
+                {
+                    "kind": "done",
+                    "index": job.index,
+                    "finish_reason": job.finish,
+                    "prompt_tokens": job.prompt_len,
+                    "completion_tokens": len(job.tokens),
+                }
+            )
+
+    @staticmethod
+    def _logprob(tokenizer, choice) -> dict:
+        def text(t: int) -> str:
+            return tokenizer.decode([t])
+
+        return {
+            "token": text(choice.token),
+            "logprob": choice.logprob,
+            "top": [(text(t), lp) for t, lp in choice.top],
+        }
+
+    def _drop_cancelled(self) -> None:
+        for job in self.running:
+            if job.request.cancelled.is_set() and job.finish is None:
+                job.finish = "cancelled"
+        self._leave()
+
+    def _leave(self) -> None:
+        keep = [i for i, j in enumerate(self.running) if j.finish is None]
+        if len(keep) == len(self.running):
+            return
+        gone = {id(j.request): j.request for j in self.running if j.finish is not None}
+        self.running = [self.running[i] for i in keep]
+        self.batch.keep(keep)
+        still = {id(j.request) for j in self.running}
+        for key, request in gone.items():
+            if key not in still and request not in self.waiting:
+                self._release(request)
+
+    def _release(self, request: Request) -> None:
+        if request.entry is not None:
+            with self.store.lock:
+                request.entry.users -= 1
+                request.entry.last_used = time.monotonic()
+
+    def _error(self, request: Request, status: int, message: str) -> None:
+        self._release(request)
+        request.emit({"kind": "error", "status": status, "message": message})
+
+    def _fail_running(self, message: str) -> None:
+        failed = {id(j.request): j.request for j in self.running}
+        self.running = []
+        self.batch = BatchCache()
+        for request in failed.values():
+            if request in self.waiting:
+                self.waiting.remove(request)
+            self._error(request, 500, message)
