@@ -398,7 +398,7 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
         except LorakitError as exc:
             raise ApiError(400, str(exc), "lora_path") from None
         engine.wake()
-        store.start_load(entry, engine._read)
+        engine.start_load_of(entry)
         while entry.state == "loading":
             engine.wake()
             await asyncio.sleep(0.02)

@@ -130,7 +130,7 @@ class Engine:
             if request.entry is not None:
                 with self.store.lock:
                     request.entry.users += 1
-                self._start_load(request.entry)
+                self.start_load_of(request.entry)
             self.waiting.append(request)
             self.stats["requests"] += 1
             self.cv.notify()
@@ -191,7 +191,7 @@ class Engine:
             self._error(request, 503, "the server shut down before the request was started")
 
     def _has_work(self) -> bool:
-        if self.running:
+        if self.running or self._read_done():
             return True
         if self.stopping:
             return bool(self.waiting)
@@ -208,17 +208,23 @@ class Engine:
             return "go"  # read, to be attached
         return "wait"
 
+    def _read_done(self) -> list[Entry]:
+        with self.store.lock:
+            return [
+                e
+                for e in self.store.entries.values()
+                if e.state == "loading" and e.future is not None and e.future.done()
+            ]
+
     def _attach_ready(self) -> None:
         for request in list(self.waiting):
             entry = request.entry
-            if entry is None or entry.state == "ready":
-                continue
-            if entry.state in ("on disk", "failed") and entry.future is None:
-                self._start_load(entry)
-            if entry.future is not None and entry.future.done():
-                self._attach(entry)
+            if entry is not None and entry.state in ("on disk", "failed") and entry.future is None:
+                self.start_load_of(entry)
+        for entry in self._read_done():  # those requests wait for, and those an admin loads
+            self._attach(entry)
 
-    def _start_load(self, entry: Entry) -> None:
+    def start_load_of(self, entry: Entry) -> None:
         self.store.start_load(entry, self._read)
         if entry.future is not None:
             entry.future.add_done_callback(self.wake)
@@ -413,6 +419,7 @@ class Engine:
         for job in self.running:
             if job.request.cancelled.is_set() and job.finish is None:
                 job.finish = "cancelled"
+                self.stats["cancelled"] += 1
         self._leave()
 
     def _leave(self) -> None:
