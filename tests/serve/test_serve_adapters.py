@@ -17,7 +17,11 @@ ADMIN = {"Authorization": "Bearer admin-secret"}
 
 def chat(client, model, new=8, **kw):
     return client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=new, temperature=0, **kw
+        model=model,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=new,
+        temperature=0,
+        **kw,
     )
 
 

@@ -24,7 +24,9 @@ def test_completion_and_chat_answer_with_usage_and_finish_reason(server):
     assert choice.finish_reason in ("stop", "length") and isinstance(choice.text, str)
     assert out.usage.prompt_tokens == 3 and out.usage.completion_tokens <= 5
     assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
-    chat = client.chat.completions.create(model="beta", messages=PROMPT, max_tokens=6, temperature=0)
+    chat = client.chat.completions.create(
+        model="beta", messages=PROMPT, max_tokens=6, temperature=0
+    )
     assert chat.object == "chat.completion"
     assert chat.choices[0].message.role == "assistant"
     assert chat.usage.completion_tokens == 6 or chat.choices[0].finish_reason == "stop"
@@ -86,9 +88,11 @@ def test_n_gives_n_choices_and_greedy_choices_agree(server):
     )
     assert [c.index for c in out.choices] == [0, 1, 2]
     assert len({c.message.content for c in out.choices}) == 1
-    assert out.usage.completion_tokens == sum(
-        8 if c.finish_reason == "length" else 0 for c in out.choices
-    ) or out.usage.completion_tokens <= 24
+    assert (
+        out.usage.completion_tokens
+        == sum(8 if c.finish_reason == "length" else 0 for c in out.choices)
+        or out.usage.completion_tokens <= 24
+    )
 
 
 def test_the_same_seed_gives_the_same_text_and_choices_differ(server):

@@ -66,9 +66,7 @@ def test_concurrent_clients_on_adapters_and_the_base_get_the_offline_answers(ser
     names = [None, "alpha", "beta", "gamma"]
     jobs = [(names[i % 4], p) for i, p in enumerate(PROMPTS * 2)]
     before = sum(n for size, n in server.engine.batch_sizes.items() if size > 1)
-    got = concurrently(
-        [lambda n=n, p=p: ask(server, n or server.base, p) for n, p in jobs]
-    )
+    got = concurrently([lambda n=n, p=p: ask(server, n or server.base, p) for n, p in jobs])
     want = [offline(n, p) for n, p in jobs]
     assert got == want
     shared = sum(n for size, n in server.engine.batch_sizes.items() if size > 1)

@@ -161,6 +161,8 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, exc: StarletteHTTPException):
+        if isinstance(exc.__cause__, ApiError):  # raised while the body was read (BodyLimit)
+            return error_response(exc.__cause__)
         return error_response(ApiError(exc.status_code, str(exc.detail)))
 
     @app.exception_handler(Exception)
@@ -280,17 +282,28 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
             )
         return await whole(request, job, queue, shape)
 
+    async def watch(request: Request, job) -> None:
+        """Cancel ``job`` when its client goes away (the body is read: what comes next on the
+        connection is its end)."""
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                job.cancelled.set()
+                return
+
     async def whole(request: Request, job, queue, shape: Shape):
         answers = [Answer() for _ in range(job.choices)]
         done = 0
+        watcher = asyncio.create_task(watch(request, job))
         try:
             while done < job.choices:
                 try:
-                    event = await asyncio.wait_for(queue.get(), timeout=0.5)
+                    event = await asyncio.wait_for(queue.get(), timeout=0.25)
                 except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        job.cancelled.set()
-                        return JSONResponse(error_body(400, "client disconnected"), 400)
+                    event = None
+                if job.cancelled.is_set():  # nobody is left to answer
+                    return JSONResponse(error_body(400, "the client disconnected"), 400)
+                if event is None:
                     continue
                 if event["kind"] == "error":
                     raise ApiError(event["status"], event["message"])
@@ -305,6 +318,7 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
                     answer.completion_tokens = event["completion_tokens"]
                     done += 1
         finally:
+            watcher.cancel()
             job.cancelled.set()  # a no-op when every choice is done
         return JSONResponse(shape.whole(answers))
 
