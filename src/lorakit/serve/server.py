@@ -8,8 +8,11 @@ event and ``[DONE]``) and the process exits with status 0.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,6 +122,23 @@ def build(options: Options, model=None, tokenizer=None) -> tuple[Engine, Setting
 def uvicorn_server(engine: Engine, settings: Settings, host: str, port: int, grace: float):
     import uvicorn
 
+    class Server(uvicorn.Server):
+        """uvicorn's server, but a SIGINT or SIGTERM that stopped it is not raised again once
+        it has shut down cleanly: the process exits with status 0."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            handled = (signal.SIGINT, signal.SIGTERM)
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
     config = uvicorn.Config(
         create_app(engine, settings),
         host=host,
@@ -127,7 +147,7 @@ def uvicorn_server(engine: Engine, settings: Settings, host: str, port: int, gra
         timeout_graceful_shutdown=grace,
         access_log=False,
     )
-    return uvicorn.Server(config)
+    return Server(config)
 
 
 def run(options: Options) -> int:
@@ -141,4 +161,5 @@ def run(options: Options) -> int:
         server.run()
     finally:
         engine.shutdown(grace=0)
+    print("stopped", flush=True)
     return 0
