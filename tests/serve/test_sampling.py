@@ -29,8 +29,9 @@ def test_sampling_follows_the_distribution_and_the_seed():
     s = Sampling(temperature=1.0, seed=5)
     draws = [choose(z, s, g).token for g in [generator_for(s)] for _ in range(4000)]
     freq = torch.bincount(torch.tensor(draws), minlength=3).double() / len(draws)
-    torch.testing.assert_close(freq, torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64),
-                               atol=0.03, rtol=0)  # binomial spread at n=4000 is under 0.01
+    torch.testing.assert_close(
+        freq, torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64), atol=0.03, rtol=0
+    )  # binomial spread at n=4000 is under 0.01
     again = [choose(z, s, g).token for g in [generator_for(s)] for _ in range(4000)]
     assert draws == again
 

@@ -101,3 +101,31 @@ def test_n_choices_and_other_requests_share_steps_without_changing_answers(serve
         n=4,
     )
     assert {c.message.content.strip() for c in out.choices} == {offline("alpha", PROMPTS[3])}
+
+
+def test_a_4bit_base_serves_unmerged_adapters_with_the_offline_answers(served):
+    """--quantize nf4: the base's linear layers are NF4 (QLoRA's base); adapters stay unmerged
+    on it, and each answer equals generate() on the same quantized model."""
+    from conftest import Running
+
+    from lorakit.quant import QuantizedWeight
+
+    base_dir, adapters = served
+    model, tokenizer = load_model(base_dir, quantize="nf4")
+    model = lorakit.load_adapter(model, adapters / "alpha", adapter_name="alpha")
+    ids = Formatter(tokenizer, 10**9).prompt_ids(PROMPTS[1])
+    want = generate(model, tokenizer, [ids], NEW, adapters=["alpha"])[0]
+    base_want = generate(model, tokenizer, [ids], NEW, adapters=[None])[0]
+    running = Running(base=str(base_dir), adapters=str(adapters), quantize="nf4")
+    try:
+        quantized = [m for m in running.engine.model.modules() if isinstance(m, QuantizedWeight)]
+        assert quantized
+        got = concurrently(
+            [
+                lambda: ask(running, "alpha", PROMPTS[1]),
+                lambda: ask(running, running.base, PROMPTS[1]),
+            ]
+        )
+        assert got == [want, base_want]
+    finally:
+        running.stop()

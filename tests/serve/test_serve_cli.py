@@ -40,8 +40,9 @@ def test_serve_runs_answers_and_stops_cleanly_on_a_signal(served, sig):
     base_dir, adapters = served
     port = free_port()
     proc = subprocess.Popen(
-        lorakit_cmd("serve", str(base_dir), "--adapters", str(adapters), "--port", str(port),
-                    "--grace", "2"),
+        lorakit_cmd(
+            "serve", str(base_dir), "--adapters", str(adapters), "--port", str(port), "--grace", "2"
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -72,9 +73,23 @@ def test_serve_runs_answers_and_stops_cleanly_on_a_signal(served, sig):
 def test_serve_binds_loopback_by_default_and_documents_its_flags():
     out = subprocess.run(lorakit_cmd("serve", "--help"), capture_output=True, text=True)
     assert out.returncode == 0
-    for flag in ("--adapters", "--adapter", "--host", "--port", "--quantize", "--dtype",
-                 "--device", "--api-key", "--admin-key", "--max-loras", "--max-seqs",
-                 "--max-waiting", "--max-prompt-tokens", "--max-tokens", "--max-body-bytes"):
+    for flag in (
+        "--adapters",
+        "--adapter",
+        "--host",
+        "--port",
+        "--quantize",
+        "--dtype",
+        "--device",
+        "--api-key",
+        "--admin-key",
+        "--max-loras",
+        "--max-seqs",
+        "--max-waiting",
+        "--max-prompt-tokens",
+        "--max-tokens",
+        "--max-body-bytes",
+    ):
         assert flag in out.stdout, flag
     assert "default 127.0.0.1" in out.stdout
 
