@@ -10,7 +10,8 @@ import threading
 import httpx
 import openai
 import pytest
-from conftest import Running
+
+from serving import Running
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
 
@@ -190,5 +191,27 @@ def test_unloading_during_a_request_lets_it_finish(served, tmp_path):
         running.engine.call(done.set)
         assert done.wait(10)
         assert running.engine.store.loaded() == []
+    finally:
+        running.stop()
+
+
+def test_an_adapter_that_ships_a_tokenizer_uses_its_chat_template(served, adapters_copy):
+    """The adapter's own tokenizer (saved beside it, with another chat template) renders its chat
+    requests; the base and other adapters keep the base's template."""
+    from char_tokenizer import char_tokenizer
+
+    own = char_tokenizer()
+    own.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}>"
+    own.save_pretrained(adapters_copy / "alpha")
+    running = start(served, adapters_copy)
+    try:
+        client = running.client()
+        mine = chat(client, "alpha", new=2)
+        theirs = chat(client, "beta", new=2)
+        assert mine.usage.prompt_tokens == len("hi>")
+        base_ids = char_tokenizer().apply_chat_template(
+            [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+        )
+        assert theirs.usage.prompt_tokens == len(char_tokenizer()(base_ids)["input_ids"]) - 0
     finally:
         running.stop()

@@ -106,9 +106,8 @@ def test_n_choices_and_other_requests_share_steps_without_changing_answers(serve
 def test_a_4bit_base_serves_unmerged_adapters_with_the_offline_answers(served):
     """--quantize nf4: the base's linear layers are NF4 (QLoRA's base); adapters stay unmerged
     on it, and each answer equals generate() on the same quantized model."""
-    from conftest import Running
-
     from lorakit.quant import QuantizedWeight
+    from serving import Running
 
     base_dir, adapters = served
     model, tokenizer = load_model(base_dir, quantize="nf4")

@@ -9,7 +9,8 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import Running
+
+from serving import Running
 
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "hi"}]

@@ -139,12 +139,19 @@ def uvicorn_server(engine: Engine, settings: Settings, host: str, port: int, gra
                 for sig, handler in original.items():
                     signal.signal(sig, handler)
 
+        def handle_exit(self, sig, frame) -> None:
+            # the engine finishes what runs within the grace period, then ends the rest with an
+            # error event, so every stream is closed properly before uvicorn closes connections
+            if not self.should_exit:
+                threading.Thread(target=engine.shutdown, args=(grace,), daemon=True).start()
+            super().handle_exit(sig, frame)
+
     config = uvicorn.Config(
         create_app(engine, settings),
         host=host,
         port=port,
         log_level="info",
-        timeout_graceful_shutdown=grace,
+        timeout_graceful_shutdown=grace + 5,
         access_log=False,
     )
     return Server(config)
