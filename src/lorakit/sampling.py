@@ -46,7 +46,7 @@ def generator_for(sampling: Sampling, device: torch.device | str = "cpu") -> tor
     if sampling.seed is None:
         g.seed()
     else:
-        g.manual_seed(sampling.seed)
+        g.manual_seed(sampling.seed % 2**63)  # any integer: torch takes 63 bits
     return g
 
 

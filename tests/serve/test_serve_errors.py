@@ -32,8 +32,8 @@ def error_of(response, status):
     [
         (b"{not json", "not valid JSON"),
         (b"", "no JSON body"),
-        (b"[1, 2]", "dict"),
-        (b'"text"', "dict"),
+        (b"[1, 2]", "must be a JSON object"),
+        (b'"text"', "must be a JSON object"),
         (b"\xff\xfe", "not valid JSON"),
     ],
 )
@@ -56,6 +56,9 @@ def test_malformed_bodies_are_400s(server, raw, says):
         ({"stop": 5}, "stop"),
         ({"stream": "yes"}, "stream"),
         ({"seed": 1.5}, "seed"),
+        ({"seed": 2**64 - 1}, "seed"),
+        ({"stop": [1]}, "'stop': expected a string or a list of up to 4 strings"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "text parts"),
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
         ({"messages": [{"role": "user"}]}, "messages.0.content"),
@@ -100,6 +103,8 @@ def test_completion_bad_inputs(server):
     base = {"model": "alpha", "max_tokens": 2}
     assert "prompt" in error_of(server.post(url, json=base), 400)["message"]
     assert error_of(server.post(url, json={**base, "prompt": ""}), 400)["param"] == "prompt"
+    mixed = error_of(server.post(url, json={**base, "prompt": [1, "a"]}), 400)["message"]
+    assert mixed.startswith("'prompt': expected a string, a list of strings or a list of token")
     big = error_of(server.post(url, json={**base, "prompt": [10**6]}), 400)
     assert "vocabulary" in big["message"]
     assert (

@@ -14,6 +14,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from .engine import Busy, Engine
 from .engine import Request as EngineRequest
 from .metrics import render_metrics
 from .responses import Answer, Shape
-from .schemas import ChatRequest, CompletionRequest, LoadAdapter, UnloadAdapter
+from .schemas import MAX_STOPS, ChatRequest, CompletionRequest, LoadAdapter, UnloadAdapter
 from .store import UnknownModel
 
 log = logging.getLogger("lorakit.serve")
@@ -78,10 +79,24 @@ def error_response(exc: ApiError) -> JSONResponse:
     return JSONResponse(error_body(exc.status, exc.message, exc.param), exc.status, exc.headers)
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict"}
+
+#: what a field that takes several shapes expects, said once instead of once per shape
+UNION_HINTS = {
+    "prompt": "expected a string, a list of strings or a list of token ids (integers >= 0)",
+    "stop": f"expected a string or a list of up to {MAX_STOPS} strings",
+    "content": "expected a string or a list of text parts ({'type': 'text', 'text': ...})",
+}
+
+
 def _field(loc: tuple) -> str:
-    parts = [str(p) for p in loc if p != "body"]
-    # pydantic names the union member it tried ("str", "list[str]"); the field is enough
-    parts = [p for p in parts if not (p[:1].islower() and ("[" in p or p in ("str", "int")))]
+    """``messages.0.role`` from pydantic's location, without the union members it tried."""
+    parts = []
+    for p in loc:
+        if p == "body":
+            continue
+        if isinstance(p, int) or (re.fullmatch(r"[A-Za-z_]\w*", str(p)) and p not in _TYPE_TAGS):
+            parts.append(str(p))
     return ".".join(parts) or "body"
 
 
@@ -98,10 +113,16 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     name = _field(tuple(first["loc"]))
     if first["type"] == "extra_forbidden":
         return f"unknown parameter '{name}'", name
+    if name == "body" and first["type"] in ("model_attributes_type", "dict_type"):
+        return "the body must be a JSON object", None
     msg = first["msg"].removeprefix("Value error, ")
     if name == "body":
         return msg, None
-    return f"'{name}': {msg} (got {json.dumps(first.get('input'), default=str)[:100]})", name
+    hint = UNION_HINTS.get(name.rsplit(".", 1)[-1])
+    if hint and len(errors) > 1 and all(_field(tuple(e["loc"])).startswith(name) for e in errors):
+        msg = hint  # every shape the field may take was refused
+    got = json.dumps(first.get("input"), default=str)[:100]
+    return f"'{name}': {msg} (got {got})", name
 
 
 class BodyLimit:

@@ -314,9 +314,16 @@ class Engine:
             while request.next_prompt < len(request.prompts):
                 if len(self.running) + request.n > self.max_seqs and self.running:
                     return  # no room now; keep the order of arrival
-                self._prefill(request, request.next_prompt)
+                try:
+                    self._prefill(request, request.next_prompt)
+                except Exception:  # this request fails alone; the batch goes on
+                    log.exception("prefill failed for a request on %s", request.model)
+                    self._drop(request)
+                    self._error(request, 500, "internal error while reading the prompt")
+                    break
                 request.next_prompt += 1
-            self.waiting.remove(request)
+            else:
+                self.waiting.remove(request)
 
     def _rows(self, names: list[str | None]):
         if not list_adapters(self.model):
@@ -433,6 +440,15 @@ class Engine:
         for key, request in gone.items():
             if key not in still and request not in self.waiting:
                 self._release(request)
+
+    def _drop(self, request: Request) -> None:
+        """Take every row and the queue entry of ``request`` out (it failed)."""
+        keep = [i for i, j in enumerate(self.running) if j.request is not request]
+        if len(keep) != len(self.running):
+            self.running = [self.running[i] for i in keep]
+            self.batch.keep(keep)
+        if request in self.waiting:
+            self.waiting.remove(request)
 
     def _release(self, request: Request) -> None:
         if request.entry is not None:
