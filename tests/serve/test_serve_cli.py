@@ -33,9 +33,7 @@ def wait_up(proc, url, seconds=120):
     raise AssertionError("the server did not come up")
 
 
-@pytest.mark.parametrize(
-    "sig, grace, new", [(signal.SIGINT, "60", 40), (signal.SIGTERM, "0.5", 450)]
-)
+@pytest.mark.parametrize("sig, grace, new", [(signal.SIGINT, "60", 40), (signal.SIGTERM, "0", 500)])
 def test_serve_runs_answers_and_stops_cleanly_on_a_signal(served, sig, grace, new):
     """A signal stops the server: a running stream finishes within the grace period (SIGINT
     case), or is ended with an error event and [DONE] when the grace is over (SIGTERM case);
@@ -69,8 +67,11 @@ def test_serve_runs_answers_and_stops_cleanly_on_a_signal(served, sig, grace, ne
             model="gamma", prompt="a", max_tokens=new, stream=True, temperature=0
         )
         chunks = iter(stream)
+        if new == 500:  # no grace: cancelled long before 500 steps are done
+            proc.send_signal(sig)
         next(chunks)
-        proc.send_signal(sig)
+        if new != 500:
+            proc.send_signal(sig)
         if new == 40:
             rest = list(chunks)
             assert rest[-1].choices[0].finish_reason in ("stop", "length")

@@ -177,7 +177,7 @@ def test_a_partial_checkpoint_is_ignored_and_removed(tmp_path):
 
 KILLED_RUN = """
 import os, signal, sys
-sys.path.insert(0, {here!r})
+sys.path[:0] = [{here!r}, {shared!r}]  # the conftest and the shared helpers
 from conftest import char_tokenizer, run_config, tiny_llama
 from pathlib import Path
 from lorakit.train import train
@@ -203,7 +203,9 @@ train(cfg, model=tiny_llama(len(tok)), tokenizer=tok, loggers=[KillAt()], consol
 def test_resume_after_kill_9_reproduces_the_uninterrupted_losses(tmp_path):
     whole = run(run_config(tmp_path / "a", **RESUME))
     (tmp_path / "b").mkdir()
-    code = KILLED_RUN.format(here=str(HERE), tmp=str(tmp_path / "b"), sections=RESUME)
+    code = KILLED_RUN.format(
+        here=str(HERE), shared=str(HERE.parent), tmp=str(tmp_path / "b"), sections=RESUME
+    )
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
