@@ -20,7 +20,6 @@ the engine's thread with event dicts: ``delta``, ``done`` per choice, ``error``)
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import threading
 import time
@@ -111,6 +110,8 @@ class Engine:
         self.cv = threading.Condition()
         self.control: list[Callable[[], None]] = []
         self.unloading: list[Entry] = []
+        self.rows_block = None  # the open adapter_per_row block and the rows it was made for
+        self.rows_key: tuple | None = None
         self.stopping = False
         self.closed = False
         self.stats = collections.Counter()
@@ -185,6 +186,7 @@ class Engine:
             except Exception:  # the engine must outlive any one request's failure
                 log.exception("engine step failed; failing the running requests")
                 self._fail_running("internal error in the decoding step")
+        self._close_rows()
         for job in self.running:
             self._error(job.request, 503, "the server shut down before the answer was finished")
         for request in self.waiting:
@@ -257,6 +259,7 @@ class Engine:
             self.store.fail(entry, f"adapter {entry.name!r} could not be loaded: {exc}")
             log.warning("adapter %s failed to load: %s", entry.name, exc)
             return
+        self._close_rows()  # the stacked adapters change
         victim = self.store.victim()
         if victim is not None:
             self._evict(victim)
@@ -275,6 +278,7 @@ class Engine:
         log.info("adapter %s loaded from %s", entry.name, entry.path)
 
     def _evict(self, entry: Entry) -> None:
+        self._close_rows()
         if entry.name in list_adapters(self.model):
             self.model = delete_adapter(self.model, entry.name)
         with self.store.lock:
@@ -325,14 +329,34 @@ class Engine:
             else:
                 self.waiting.remove(request)
 
-    def _rows(self, names: list[str | None]):
-        if not list_adapters(self.model):
-            return contextlib.nullcontext()
-        return adapter_per_row(self.model, names)
+    def _rows(self, names: list[str | None]) -> None:
+        """Put the rows' adapters in force. The block of ``adapter_per_row`` stays open across
+        decoding steps while the rows stay the same, so each layer gathers its rows' A and B
+        once for the stretch instead of once per step; it closes when the rows change and
+        before any adapter is attached or evicted."""
+        key = tuple(names)
+        if key == self.rows_key:
+            return
+        self._close_rows()
+        if list_adapters(self.model):
+            block = adapter_per_row(self.model, key)
+            block.__enter__()
+            self.rows_block = block
+        self.rows_key = key
+
+    def _close_rows(self) -> None:
+        block, self.rows_block, self.rows_key = self.rows_block, None, None
+        if block is not None:
+            block.__exit__(None, None, None)
 
     def _forward(self, names, **inputs):
-        with torch.no_grad(), self._rows(names):
-            return self.model(**inputs, use_cache=True)
+        try:
+            self._rows(names)
+            with torch.no_grad():
+                return self.model(**inputs, use_cache=True)
+        except BaseException:
+            self._close_rows()
+            raise
 
     def _prefill(self, request: Request, p: int) -> None:
         ids = request.prompts[p]
