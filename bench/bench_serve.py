@@ -15,6 +15,7 @@ converted model's directory, as an outside anchor.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -39,7 +40,7 @@ ANCHOR_PACKAGES = ["peft", "transformers", "openai", "httpx", "uvicorn"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ADAPTERS = 16
 NEW = 64
-ROUNDS = 3  # throughput rounds per side (base / adapters), interleaved
+ROUNDS = 5  # throughput rounds per side (base / adapters), interleaved
 STREAM_ROUNDS = {16: 2, 64: 1}  # streamed rounds for latency and time to first token
 REQUEST_TIMEOUT = 300.0  # seconds, one request
 ANCHOR_TIMEOUT = 240.0  # seconds, the whole transformers serve round
@@ -151,6 +152,7 @@ class Result:
 class Round:
     wall: float
     results: list[Result] = field(default_factory=list)
+    steps: collections.Counter = field(default_factory=collections.Counter)  # rows -> steps
 
     @property
     def tokens(self) -> int:
@@ -256,26 +258,25 @@ def lorakit_server(adapters: Path, names: list[str], threads: int) -> dict:
     server = Server(adapters, threads)
     try:
         base = server.base
-        warm = clients(server.url, names + [base], max_tokens=4)  # reads and attaches every adapter
+        warm = clients(server.url, names + [base])  # reads and attaches every adapter
         if warm.errors:
             raise RuntimeError(f"warm-up failed: {[r.error for r in warm.results if not r.ok]}")
         sides = {"base": [base] * ADAPTERS, "adapters": names}
         rounds: dict[str, list[Round]] = {"base": [], "adapters": []}
-        steps_before = dict(server.engine.batch_sizes)
         for i in range(ROUNDS):
             order = ["base", "adapters"] if i % 2 == 0 else ["adapters", "base"]
             for side in order:
-                rounds[side].append(clients(server.url, sides[side]))
-        steps = {
-            k: v - steps_before.get(k, 0) for k, v in server.engine.batch_sizes.items()
-        }  # decoding steps of the throughput rounds, by rows in the batch
+                before = collections.Counter(server.engine.batch_sizes)
+                rd = clients(server.url, sides[side])
+                rd.steps = collections.Counter(server.engine.batch_sizes) - before
+                rounds[side].append(rd)
         streamed = {}
         for n, count in STREAM_ROUNDS.items():
             models = [names[i % ADAPTERS] for i in range(n)]
             streamed[n] = [clients(server.url, models, stream=True) for _ in range(count)]
     finally:
         server.stop()
-    return {"rounds": rounds, "streamed": streamed, "steps": steps}
+    return {"rounds": rounds, "streamed": streamed}
 
 
 # -- PEFT, one request at a time ---------------------------------------------------------------
@@ -391,7 +392,12 @@ def transformers_serve(threads: int, work: Path) -> tuple[float | None, str]:
             if measured.errors:
                 first = next(r.error for r in measured.results if not r.ok)
                 return None, f"transformers serve: {measured.errors}/16 requests failed: {first}"
-            return measured.tokens_per_s, "transformers serve --continuous-batching"
+            ok = [r for r in measured.results if r.ok]
+            shape = (
+                f"{statistics.mean(r.prompt_tokens for r in ok):.1f} prompt / "
+                f"{statistics.mean(r.completion_tokens for r in ok):.1f} generated tokens each"
+            )
+            return measured.tokens_per_s, f"transformers serve --continuous-batching ({shape})"
         finally:
             proc.terminate()
             try:
@@ -402,9 +408,34 @@ def transformers_serve(threads: int, work: Path) -> tuple[float | None, str]:
 
 
 # -- the bench ---------------------------------------------------------------------------------
+def cpu_clock() -> tuple[float, float, float]:
+    """(wall seconds, busy CPU seconds of the whole machine, CPU seconds of this process)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    busy = (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+    t = os.times()
+    return time.monotonic(), busy, t.user + t.system + t.children_user + t.children_system
+
+
+def others_share(start: tuple[float, float, float]) -> float | None:
+    """The share of all cores that other processes used since ``start`` (a noisy machine's
+    figures are not this bench's)."""
+    try:
+        end = cpu_clock()
+    except (OSError, ValueError, IndexError):
+        return None
+    wall = end[0] - start[0]
+    others = (end[1] - start[1]) - (end[2] - start[2])
+    return max(0.0, others) / (wall * (os.cpu_count() or 1))
+
+
 def run(threads: int) -> list[dict]:
     torch.set_num_threads(threads)
     work = Path(tempfile.mkdtemp(prefix="lorakit-bench-serve-"))
+    try:
+        start = cpu_clock()
+    except (OSError, ValueError, IndexError):
+        start = None
     try:
         adapters = work / "adapters"
         names = make_adapters(adapters)
@@ -413,11 +444,12 @@ def run(threads: int) -> list[dict]:
         tserve_tps, tserve_note = transformers_serve(threads, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return rows(served, peft_tps, peft_texts, peft_counts, tserve_tps, tserve_note)
+    others = others_share(start) if start is not None else None
+    return rows(served, peft_tps, peft_texts, peft_counts, tserve_tps, tserve_note, others)
 
 
-def rows(served, peft_tps, peft_texts, peft_counts, tserve_tps, tserve_note) -> list[dict]:
-    rounds, streamed, steps = served["rounds"], served["streamed"], served["steps"]
+def rows(served, peft_tps, peft_texts, peft_counts, tserve_tps, tserve_note, others) -> list[dict]:
+    rounds, streamed = served["rounds"], served["streamed"]
     base_tps = statistics.median(r.tokens_per_s for r in rounds["base"])
     lora_tps = statistics.median(r.tokens_per_s for r in rounds["adapters"])
     vs_base = statistics.median(
@@ -427,8 +459,20 @@ def rows(served, peft_tps, peft_texts, peft_counts, tserve_tps, tserve_note) -> 
     same = sum(r.ok and r.text.strip() == t.strip() for r, t in zip(first, peft_texts))
     all_results = [r for side in rounds.values() for rd in side for r in rd.results]
     prompt_tokens = statistics.mean(r.prompt_tokens for r in all_results if r.ok)
-    gen_tokens = statistics.mean(r.completion_tokens for r in all_results if r.ok)
-    mean_rows = sum(k * v for k, v in steps.items()) / max(1, sum(steps.values()))
+
+    def generated(side: str) -> float:
+        return statistics.mean(r.completion_tokens for rd in rounds[side] for r in rd.results)
+
+    def mean_rows(side: str) -> float:
+        steps = sum((rd.steps for rd in rounds[side]), collections.Counter())
+        return sum(k * v for k, v in steps.items()) / max(1, sum(steps.values()))
+
+    def step_ms(rd: Round) -> float:  # a round's wall time per decoding step, prefills included
+        return 1e3 * rd.wall / max(1, sum(rd.steps.values()))
+
+    def listed(side: str) -> str:
+        return ", ".join(f"{rd.tokens_per_s:.0f}" for rd in rounds[side])
+
     label = f"16 clients, {NEW} new tokens"
     out = [
         C.row(
@@ -505,9 +549,9 @@ def rows(served, peft_tps, peft_texts, peft_counts, tserve_tps, tserve_note) -> 
             "",
         ),
         C.row(
-            f"diagnostic: mean prompt / generated tokens per request (lorakit; PEFT generated "
-            f"{statistics.mean(peft_counts):.1f})",
-            f"{prompt_tokens:.1f} / {gen_tokens:.1f}",
+            f"diagnostic: mean prompt tokens per request {prompt_tokens:.1f}; generated tokens "
+            f"per request, adapters / base (PEFT: {statistics.mean(peft_counts):.1f})",
+            f"{generated('adapters'):.1f} / {generated('base'):.1f}",
             None,
             "",
             None,
@@ -515,8 +559,40 @@ def rows(served, peft_tps, peft_texts, peft_counts, tserve_tps, tserve_note) -> 
             "",
         ),
         C.row(
-            "diagnostic: mean rows per decoding step in the 16-client throughput rounds",
-            mean_rows,
+            "diagnostic: 16-client throughput rounds, mean rows per decoding step, adapters / base",
+            f"{mean_rows('adapters'):.2f} / {mean_rows('base'):.2f}",
+            None,
+            "",
+            None,
+            "",
+            "",
+        ),
+        C.row(
+            "diagnostic: 16-client throughput rounds, round wall time per decoding step "
+            "(prefills included), adapters / base",
+            statistics.median(step_ms(rd) for rd in rounds["adapters"]),
+            statistics.median(step_ms(rd) for rd in rounds["base"]),
+            "base",
+            statistics.median(
+                step_ms(a) / step_ms(b) for a, b in zip(rounds["adapters"], rounds["base"])
+            ),
+            "",
+            "ms",
+        ),
+        C.row(
+            f"diagnostic: tokens/s of each throughput round, adapters: {listed('adapters')}; "
+            f"base: {listed('base')}",
+            None,
+            None,
+            "",
+            None,
+            "",
+            "",
+        ),
+        C.row(
+            f"diagnostic: CPU used by other processes during the bench, share of all "
+            f"{os.cpu_count()} cores (subprocess included in this bench's own)",
+            None if others is None else f"{others:.0%}",
             None,
             "",
             None,
