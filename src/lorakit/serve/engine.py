@@ -320,6 +320,10 @@ class Engine:
                     return  # no room now; keep the order of arrival
                 try:
                     self._prefill(request, request.next_prompt)
+                except LorakitError as exc:  # a model the engine cannot batch: said as it is
+                    self._drop(request)
+                    self._error(request, 500, str(exc))
+                    break
                 except Exception:  # this request fails alone; the batch goes on
                     log.exception("prefill failed for a request on %s", request.model)
                     self._drop(request)
