@@ -218,6 +218,8 @@ def _write_cache(model: Any, tokenizer: Any, target: Path) -> None:
         config = model.config.to_dict()
         config.pop("quantization_config", None)
         config.pop("_name_or_path", None)
+        if not config.get("architectures"):  # GGUF loading leaves it unset; other tools need it
+            config["architectures"] = [type(model).__name__]
         (staged / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         tensors, seen = {}, set()
         for name, tensor in model.state_dict().items():

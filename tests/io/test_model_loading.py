@@ -131,6 +131,18 @@ def test_training_from_a_truncated_model_source_is_a_clean_error(llama_dir, tmp_
     assert "Traceback" not in run.stderr
 
 
+def test_the_converted_copy_names_its_architecture(tmp_path, monkeypatch):
+    """The cache's config.json names the model class (GGUF loading leaves ``architectures``
+    unset), so tools other than lorakit (``transformers serve``) can load the directory."""
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    target = models.cache_dir() / "gguf" / "tiny-0123456789abcdef"
+    model = tiny_llama()
+    model.config.architectures = None
+    models._write_cache(model, word_tokenizer(), target)
+    config = json.loads((target / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_the_converted_copy_gets_the_umasks_modes(tmp_path, monkeypatch, umask):
     """The cache of converted GGUF models is written as a directory others can read (0755 under
