@@ -510,62 +510,35 @@ def rows(served, peft_tps, peft_texts, peft_counts, tserve_tps, tserve_note, oth
             )
         )
     else:
-        out.append(
-            C.row(f"{label}: anchor not run: {tserve_note}", base_tps, None, "", None, "", "tok/s")
-        )
+        out.append(C.row(f"{label}: anchor not run: {tserve_note}", base_tps, unit="tok/s"))
     for n, rds in streamed.items():
         results = [r for rd in rds for r in rd.results]
         how = f"{n} clients streaming ({n // ADAPTERS} per adapter, {len(results)} requests)"
         for what, key in (("request latency", "latency"), ("time to first token", "ttft")):
             for q in (50, 99):
                 value = percentile([getattr(r, key) for r in results], q)
-                out.append(C.row(f"{how}: {what} p{q}", value, None, "", None, "", "s"))
+                out.append(C.row(f"{how}: {what} p{q}", value, unit="s"))
         stream_tps = statistics.median(rd.tokens_per_s for rd in rds)
-        out.append(C.row(f"{how}: generated tokens/s", stream_tps, None, "", None, "", "tok/s"))
+        out.append(C.row(f"{how}: generated tokens/s", stream_tps, unit="tok/s"))
     for n, rds in [(16, rounds["base"] + rounds["adapters"] + streamed[16]), (64, streamed[64])]:
         errors = sum(rd.errors for rd in rds)
         total = sum(len(rd.results) for rd in rds)
         messages_ = sorted({r.error for rd in rds for r in rd.results if not r.ok})
         detail = f" ({'; '.join(messages_)[:150]})" if messages_ else ""
-        out.append(
-            C.row(
-                f"errors at {n} clients ({total} requests){detail}",
-                errors,
-                None,
-                "",
-                None,
-                "== 0",
-                "",
-            )
-        )
+        out.append(C.row(f"errors at {n} clients ({total} requests){detail}", errors, goal="== 0"))
     out += [
         C.row(
             "diagnostic: answers equal to PEFT's, 16 adapters, greedy (text of round 1)",
             f"{same}/16",
-            None,
-            "",
-            None,
-            "",
-            "",
         ),
         C.row(
             f"diagnostic: mean prompt tokens per request {prompt_tokens:.1f}; generated tokens "
             f"per request, adapters / base (PEFT: {statistics.mean(peft_counts):.1f})",
             f"{generated('adapters'):.1f} / {generated('base'):.1f}",
-            None,
-            "",
-            None,
-            "",
-            "",
         ),
         C.row(
             "diagnostic: 16-client throughput rounds, mean rows per decoding step, adapters / base",
             f"{mean_rows('adapters'):.2f} / {mean_rows('base'):.2f}",
-            None,
-            "",
-            None,
-            "",
-            "",
         ),
         C.row(
             "diagnostic: 16-client throughput rounds, round wall time per decoding step "
@@ -583,21 +556,11 @@ def rows(served, peft_tps, peft_texts, peft_counts, tserve_tps, tserve_note, oth
             f"diagnostic: tokens/s of each throughput round, adapters: {listed('adapters')}; "
             f"base: {listed('base')}",
             None,
-            None,
-            "",
-            None,
-            "",
-            "",
         ),
         C.row(
             f"diagnostic: CPU used by other processes during the bench, share of all "
             f"{os.cpu_count()} cores (subprocess included in this bench's own)",
             None if others is None else f"{others:.0%}",
-            None,
-            "",
-            None,
-            "",
-            "",
         ),
     ]
     return out
