@@ -101,8 +101,9 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
             return engine.tokenizer
         from transformers import AutoTokenizer
 
-        try:
-            return AutoTokenizer.from_pretrained(str(entry.path))
+        try:  # read once; the engine's load and later requests reuse it
+            entry.tokenizer = AutoTokenizer.from_pretrained(str(entry.path))
+            return entry.tokenizer
         except Exception as exc:  # noqa: BLE001 - a bad tokenizer file is the adapter's error
             message = f"adapter {entry.name!r}: its tokenizer cannot be read: {exc}"
             raise ApiError(422, message) from None

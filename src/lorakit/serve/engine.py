@@ -236,17 +236,17 @@ class Engine:
         from ..io.adapter import read_checked
 
         file = read_checked(entry.path, allow_bin=self.store.allow_bin)
-        tokenizer = None
-        if self.store.tokenizer_files(entry.path):
+        tokenizer = entry.tokenizer  # read already when its first request was tokenized
+        if tokenizer is None and self.store.tokenizer_files(entry.path):
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(str(entry.path))
-            vocab = self.model.get_input_embeddings().weight.shape[0]
-            if len(tokenizer) > vocab:
-                raise LorakitError(
-                    f"{entry.path}: its tokenizer has {len(tokenizer)} tokens, more than the "
-                    f"base model's {vocab} embeddings"
-                )
+        vocab = self.model.get_input_embeddings().weight.shape[0]
+        if tokenizer is not None and len(tokenizer) > vocab:
+            raise LorakitError(
+                f"{entry.path}: its tokenizer has {len(tokenizer)} tokens, more than the "
+                f"base model's {vocab} embeddings"
+            )
         return file, tokenizer
 
     def _attach(self, entry: Entry) -> None:
@@ -282,7 +282,7 @@ class Engine:
         if entry.name in list_adapters(self.model):
             self.model = delete_adapter(self.model, entry.name)
         with self.store.lock:
-            entry.state, entry.tokenizer = "on disk", None
+            entry.state = "on disk"  # its tokenizer stays: the files are read again, not it
             self.store.evictions += 1
         log.info("adapter %s evicted", entry.name)
 
