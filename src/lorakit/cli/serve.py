@@ -63,6 +63,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add("--max-seqs", type=int, default=16, help="sequences decoded together (default 16)")
     add("--max-waiting", type=int, default=256, help="queued requests before 503 (default 256)")
     add("--max-prompt-tokens", type=int, default=2048)
+    add(
+        "--max-prefill-tokens",
+        type=int,
+        default=2048,
+        help="prompt tokens (padded) prefilled together in one forward (default 2048)",
+    )
     add("--max-tokens", type=int, default=1024, help="the most a request may ask to generate")
     add("--default-max-tokens", type=int, default=256, help="when a request does not say")
     add("--max-body-bytes", type=int, default=1 << 20, help="request body limit (default 1 MiB)")
@@ -82,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         "max_seqs",
         "max_waiting",
         "max_prompt_tokens",
+        "max_prefill_tokens",
         "max_tokens",
         "default_max_tokens",
         "max_body_bytes",

@@ -1,8 +1,9 @@
 """The running batch's key/value cache: one row per sequence, left-padded to a common length.
 
-Each sequence is prefilled alone (its prompt in one forward, its own adapter), which gives its
-cache ``(1, heads, P, head_dim)`` per layer. Joining the batch pads the shorter side on the left
-with zeros to the longer one and stacks the rows; a row's padding is masked out of attention by
+The prompts admitted together are prefilled in one forward, left-padded to the longest, each row
+with its own adapter, which gives a cache ``(prompts, heads, P, head_dim)`` per layer with every
+prompt's tokens right-aligned. Joining the batch pads the narrower side on the left with zeros to
+the wider one and stacks the rows; a row's padding is masked out of attention by
 the step's ``attention_mask`` and its positions come from ``position_ids``, so every row attends
 to exactly its own tokens at its own positions, as it would alone. Leaving selects the remaining
 rows and cuts the columns that every row has as padding.
@@ -30,6 +31,12 @@ def cache_keyword(model: nn.Module) -> str:
     ``past_key_values``."""
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+def keeps_last_logits(model: nn.Module) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (computes only the last positions'
+    logits, which is all a prefill needs)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def new_cache():
@@ -74,32 +81,35 @@ class BatchCache:
     def __len__(self) -> int:
         return len(self.lengths)
 
-    def join(self, layers: list[tuple[torch.Tensor, torch.Tensor]], length: int, copies: int):
-        """Add ``copies`` rows that share one prefilled cache (a prompt's ``n`` choices)."""
+    def join(self, layers: list[tuple[torch.Tensor, torch.Tensor]], lengths, copies) -> None:
+        """Add the rows of one prefill: ``layers`` hold ``len(lengths)`` prompts, each
+        right-aligned (left padding, masked); prompt ``i`` becomes ``copies[i]`` rows (its
+        ``n`` choices), in order."""
+        rows = [i for i, c in enumerate(copies) for _ in range(c)]
         new_w = layers[0][0].shape[2]
         width = max(self.width, new_w)
+        index = None
+        if rows != list(range(layers[0][0].shape[0])):
+            index = torch.tensor(rows, device=layers[0][0].device)
+
+        def rows_of(t: torch.Tensor) -> torch.Tensor:
+            picked = t if index is None else t.index_select(0, index)
+            return _pad_left(picked, width - new_w)
+
+        grow = width - self.width
         if not self.keys:
-            self.keys = [_pad_left(k, width - new_w).expand(copies, -1, -1, -1) for k, _ in layers]
-            self.values = [
-                _pad_left(v, width - new_w).expand(copies, -1, -1, -1) for _, v in layers
-            ]
-            self.keys = [k.contiguous() for k in self.keys]
-            self.values = [v.contiguous() for v in self.values]
+            keys = [rows_of(k).contiguous() for k, _ in layers]
+            values = [rows_of(v).contiguous() for _, v in layers]
         else:
-            grow = width - self.width
-            self.keys = [
-                torch.cat(
-                    [_pad_left(old, grow), _pad_left(k, width - new_w).expand(copies, -1, -1, -1)]
-                )
-                for old, (k, _) in zip(self.keys, layers)
+            keys = [
+                torch.cat([_pad_left(o, grow), rows_of(k)]) for o, (k, _) in zip(self.keys, layers)
             ]
-            self.values = [
-                torch.cat(
-                    [_pad_left(old, grow), _pad_left(v, width - new_w).expand(copies, -1, -1, -1)]
-                )
-                for old, (_, v) in zip(self.values, layers)
+            values = [
+                torch.cat([_pad_left(o, grow), rows_of(v)])
+                for o, (_, v) in zip(self.values, layers)
             ]
-        self.lengths += [length] * copies
+        self.keys, self.values = keys, values
+        self.lengths += [lengths[i] for i in rows]
 
     def keep(self, rows: list[int]) -> None:
         """Keep only ``rows`` (in that order); columns that are padding in all of them go."""

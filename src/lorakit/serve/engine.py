@@ -4,10 +4,11 @@ Each turn of the loop (``Engine.run``):
 
 1. runs the control work handed to it (an admin's unload) and attaches adapters whose files the
    store's worker has read, evicting the least recently used idle one past ``max_loras``;
-2. admits waiting requests while there is room (``max_seqs`` rows): each prompt is prefilled
-   alone with its own adapter, its first token chosen, and its cache joins the batch
-   (:class:`~lorakit.serve.batch.BatchCache`); a request whose adapter is still loading waits
-   without holding up those behind it;
+2. admits waiting requests while there is room (``max_seqs`` rows): the prompts admitted
+   together are prefilled in one forward (left-padded, each row with its own adapter, at most
+   ``prefill_tokens`` padded tokens per forward), each one's first token chosen, and their
+   caches join the batch (:class:`~lorakit.serve.batch.BatchCache`); a request whose adapter is
+   still loading waits without holding up those behind it;
 3. runs one forward of one new token for every running row, rows on different adapters (and on
    the base) in the same batch through :func:`lorakit.adapter_per_row`, and picks each row's next
    token with its own sampling settings and random stream (:mod:`lorakit.sampling`);
@@ -33,7 +34,7 @@ from torch import nn
 from ..errors import LorakitError
 from ..model import adapter_per_row, delete_adapter, list_adapters
 from ..sampling import Sampling, StopText, choose, generator_for
-from .batch import BatchCache, cache_keyword, layers_of, new_cache
+from .batch import BatchCache, cache_keyword, keeps_last_logits, layers_of, new_cache
 from .store import AdapterStore, Entry
 
 log = logging.getLogger("lorakit.serve")
@@ -61,6 +62,7 @@ class Request:
     entry: Entry | None = None
     arrived: float = field(default_factory=time.monotonic)
     next_prompt: int = 0  # prompts admitted so far
+    failed: bool = False  # an error was sent: it gets nothing more
 
     @property
     def choices(self) -> int:
@@ -94,6 +96,7 @@ class Engine:
         *,
         max_seqs: int = 16,
         max_waiting: int = 256,
+        prefill_tokens: int = 2048,
         eos: set[int] | None = None,
     ) -> None:
         self.model = model.eval()
@@ -101,9 +104,11 @@ class Engine:
         self.store = store
         self.max_seqs = max_seqs
         self.max_waiting = max_waiting
+        self.prefill_tokens = prefill_tokens
         self.device = next(model.parameters()).device
         self.eos = set(eos or ())
         self.cache_kw = cache_keyword(model)
+        self.keep_last = keeps_last_logits(model)
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Job] = []
         self.batch = BatchCache()
@@ -303,6 +308,10 @@ class Engine:
 
     # -- admitting and stepping -------------------------------------------------------------
     def _admit(self) -> None:
+        """Take waiting prompts in order of arrival while rows are free, and prefill them
+        together (``_prefill``), at most ``prefill_tokens`` padded tokens per forward."""
+        chosen: list[tuple[Request, int]] = []
+        rows, width = len(self.running), 0
         for request in list(self.waiting):
             if request.cancelled.is_set():
                 self.waiting.remove(request)
@@ -315,23 +324,27 @@ class Engine:
                 continue
             if state == "wait" or (request.entry and request.entry.state != "ready"):
                 continue
+            full = False
             while request.next_prompt < len(request.prompts):
-                if len(self.running) + request.n > self.max_seqs and self.running:
-                    return  # no room now; keep the order of arrival
-                try:
-                    self._prefill(request, request.next_prompt)
-                except LorakitError as exc:  # a model the engine cannot batch: said as it is
-                    self._drop(request)
-                    self._error(request, 500, str(exc))
+                if rows + request.n > self.max_seqs and (self.running or chosen):
+                    full = True  # no room now; keep the order of arrival
                     break
-                except Exception:  # this request fails alone; the batch goes on
-                    log.exception("prefill failed for a request on %s", request.model)
-                    self._drop(request)
-                    self._error(request, 500, "internal error while reading the prompt")
-                    break
+                wide = max(width, len(request.prompts[request.next_prompt]))
+                if chosen and wide * (len(chosen) + 1) > self.prefill_tokens:
+                    self._prefill(chosen)  # this forward is full: run it, go on with a new one
+                    chosen, rows, width = [], len(self.running), 0
+                    if request.failed:
+                        break
+                    continue
+                chosen.append((request, request.next_prompt))
                 request.next_prompt += 1
-            else:
+                rows, width = rows + request.n, wide
+            if full:
+                break
+            if request in self.waiting:
                 self.waiting.remove(request)
+        if chosen:
+            self._prefill(chosen)
 
     def _rows(self, names: list[str | None]) -> None:
         """Put the rows' adapters in force. The block of ``adapter_per_row`` stays open across
@@ -362,27 +375,74 @@ class Engine:
             self._close_rows()
             raise
 
-    def _prefill(self, request: Request, p: int) -> None:
-        ids = request.prompts[p]
+    def _prefill(self, chosen: list[tuple[Request, int]]) -> None:
+        """Prefill the prompts ``chosen`` ((request, prompt index) each) in one forward and join
+        their rows to the batch. If the forward fails, each prompt is tried alone, so a bad
+        request fails by itself."""
+        try:
+            out, cache = self._prefill_forward(chosen)
+        except Exception as exc:  # noqa: BLE001 - said to the requests, the batch goes on
+            if len(chosen) == 1:
+                self._prefill_failed(chosen[0][0], exc)
+                return
+            for one in chosen:
+                if not one[0].failed:
+                    self._prefill([one])
+            return
+        try:
+            self._join(chosen, out.logits[:, -1], cache)
+        except Exception as exc:  # noqa: BLE001
+            for request in {id(r): r for r, _ in chosen}.values():
+                self._prefill_failed(request, exc)
+
+    def _prefill_failed(self, request: Request, exc: BaseException) -> None:
+        self._drop(request)
+        if isinstance(exc, LorakitError):  # a model the engine cannot batch: said as it is
+            self._error(request, 500, str(exc))
+            return
+        log.error("prefill failed for a request on %s", request.model, exc_info=exc)
+        self._error(request, 500, "internal error while reading the prompt")
+
+    def _prefill_forward(self, chosen: list[tuple[Request, int]]):
+        """One forward of the prompts, left-padded to the longest: (output, its cache)."""
+        prompts = [request.prompts[p] for request, p in chosen]
+        width = max(map(len, prompts))
+        ids = torch.tensor([[0] * (width - len(x)) + x for x in prompts], device=self.device)
         cache = new_cache()
-        if request.entry is not None:
-            request.entry.last_used = time.monotonic()
-        x = torch.tensor([ids], device=self.device)
-        out = self._forward([request.adapter], input_ids=x, **{self.cache_kw: cache})
-        logits = out.logits[0, -1]
-        self.stats["prompt_tokens"] += len(ids)
+        inputs: dict[str, Any] = {"input_ids": ids, self.cache_kw: cache}
+        if len(prompts) > 1:  # padding masked out, each prompt at its own positions
+            lengths = torch.tensor([len(x) for x in prompts], device=self.device)
+            mask = torch.arange(width, device=self.device)[None, :] >= (width - lengths)[:, None]
+            inputs["attention_mask"] = mask.long()
+            inputs["position_ids"] = (mask.long().cumsum(1) - 1).clamp(min=0)
+        if self.keep_last:  # only the last position's logits are used
+            inputs["logits_to_keep"] = 1
+        now = time.monotonic()
+        for request, _ in chosen:
+            if request.entry is not None:
+                request.entry.last_used = now
+        out = self._forward([request.adapter for request, _ in chosen], **inputs)
+        self.stats["prompt_tokens"] += sum(map(len, prompts))
+        self.stats["prefills"] += 1
+        return out, cache
+
+    def _join(self, chosen: list[tuple[Request, int]], logits: torch.Tensor, cache) -> None:
+        """The prefilled prompts' rows join the batch, ``n`` per prompt, each with its first
+        token chosen from its prompt's ``logits``."""
+        lengths = [len(request.prompts[p]) for request, p in chosen]
         jobs = []
-        for k in range(request.n):
-            index = p * request.n + k
-            sampling = request.sampling
-            if sampling.seed is not None and index:
-                sampling = Sampling(**{**sampling.__dict__, "seed": sampling.seed + index})
-            generator = generator_for(sampling)
-            jobs.append(Job(request, index, len(ids), sampling, generator, StopText(request.stops)))
-        self.batch.join(layers_of(cache), len(ids), len(jobs))
-        self.running += jobs
-        for job in jobs:
-            self._advance(job, logits)
+        for row, (request, p) in enumerate(chosen):
+            for k in range(request.n):
+                index = p * request.n + k
+                sampling = request.sampling
+                if sampling.seed is not None and index:
+                    sampling = Sampling(**{**sampling.__dict__, "seed": sampling.seed + index})
+                generator, stop = generator_for(sampling), StopText(request.stops)
+                jobs.append((Job(request, index, lengths[row], sampling, generator, stop), row))
+        self.batch.join(layers_of(cache), lengths, [request.n for request, _ in chosen])
+        self.running += [job for job, _ in jobs]
+        for job, row in jobs:
+            self._advance(job, logits[row])
         self._leave()
 
     def _step(self) -> None:
@@ -485,6 +545,7 @@ class Engine:
                 request.entry.last_used = time.monotonic()
 
     def _error(self, request: Request, status: int, message: str) -> None:
+        request.failed = True
         self._release(request)
         request.emit({"kind": "error", "status": status, "message": message})
 

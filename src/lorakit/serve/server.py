@@ -45,6 +45,7 @@ class Options:
     max_seqs: int = 16
     max_waiting: int = 256
     max_prompt_tokens: int = 2048
+    max_prefill_tokens: int = 2048
     max_tokens: int = 1024
     default_max_tokens: int = 256
     max_body_bytes: int = 1 << 20
@@ -104,6 +105,7 @@ def build(options: Options, model=None, tokenizer=None) -> tuple[Engine, Setting
         store,
         max_seqs=options.max_seqs,
         max_waiting=options.max_waiting,
+        prefill_tokens=options.max_prefill_tokens,
         eos=eos,
     )
     settings = Settings(
