@@ -2,15 +2,18 @@
 
 The embedded SmolLM2-135M-Instruct (float32) serves 16 adapters (r=16 on q/k/v/o, random nonzero
 B, seeded) from a directory, started in this process on a free loopback port (max_loras=16,
-max_seqs=64). Clients are threads, each with its own httpx connection, that send chat requests at
-the same moment: a ~32-token prompt, ``max_tokens=64``, temperature 0. Generation may stop at EOS,
-so every throughput counts the tokens the server says it generated (``usage.completion_tokens``).
+max_seqs=64). Clients are threads, each with its own httpx connection, that start at the same
+moment and send chat requests: a ~32-token prompt, ``max_tokens=64``, temperature 0. In a
+throughput round each client sends ``PER_CLIENT`` requests back to back (a closed loop, as
+vLLM's ``benchmark_serving --max-concurrency``: 16 requests in flight until the last ones end).
+Generation may stop at EOS, so every throughput counts the tokens the server says it generated
+(``usage.completion_tokens``).
 
 Figures: generated tokens/s with 16 clients each on its own adapter against the same server with
-all 16 on the base (rounds interleaved); the same 16 requests answered one at a time by PEFT
-(``set_adapter`` + ``generate``); streamed request latency and time to first token at 16 clients
-and at 64 (4 per adapter); and ``transformers serve`` on the base, run as a subprocess on the
-converted model's directory, as an outside anchor.
+all 16 on the base (rounds interleaved); the 16 clients' first requests answered one at a time by
+PEFT (``set_adapter`` + ``generate``); streamed request latency and time to first token at 16
+clients and at 64 (4 per adapter); and ``transformers serve`` on the base, run as a subprocess on
+the converted model's directory, with the same clients, as an outside anchor.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ ANCHOR_PACKAGES = ["peft", "transformers", "openai", "httpx", "uvicorn"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ADAPTERS = 16
 NEW = 64
-ROUNDS = 5  # throughput rounds per side (base / adapters), interleaved
+ROUNDS = 3  # throughput rounds per side (base / adapters), interleaved
+PER_CLIENT = 3  # requests each client sends back to back in a throughput round
 STREAM_ROUNDS = {16: 2, 64: 1}  # streamed rounds for latency and time to first token
 REQUEST_TIMEOUT = 300.0  # seconds, one request
 ANCHOR_TIMEOUT = 240.0  # seconds, the whole transformers serve round
@@ -219,20 +223,24 @@ def clients(
     stream: bool = False,
     max_tokens: int = NEW,
     timeout: float = REQUEST_TIMEOUT,
+    per_client: int = 1,
 ) -> Round:
-    """One request per entry of ``models`` (client i asks for models[i] with prompt i), all sent
-    at the same moment from their own threads and connections; the round's wall time."""
+    """Client i asks for models[i] with prompt i, ``per_client`` times one after another (the
+    next as soon as the last has been answered: a closed loop, so the server sees
+    ``len(models)`` requests at once until the last ones end); all clients start at the same
+    moment from their own threads and connections. The round's wall time and every result."""
     import httpx
 
     url = base_url + "/v1/chat/completions"
     n = len(models)
-    results: list[Result | None] = [None] * n
+    results: list[list[Result]] = [[] for _ in range(n)]
     ready = threading.Barrier(n + 1)
 
     def client(i: int) -> None:
         with httpx.Client(timeout=timeout) as http:
             ready.wait()
-            results[i] = one_request(http, url, models[i], i, stream, max_tokens)
+            for _ in range(per_client):
+                results[i].append(one_request(http, url, models[i], i, stream, max_tokens))
 
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(n)]
     for t in threads:
@@ -240,9 +248,11 @@ def clients(
     ready.wait()
     start = time.perf_counter()
     for t in threads:
-        t.join(timeout + 30)
+        t.join(per_client * timeout + 30)
     wall = time.perf_counter() - start
-    return Round(wall, [r if r is not None else Result(error="no answer") for r in results])
+    flat = [r for i in range(n) for r in results[i]]
+    missing = n * per_client - len(flat)
+    return Round(wall, flat + [Result(error="no answer")] * missing)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -267,7 +277,7 @@ def lorakit_server(adapters: Path, names: list[str], threads: int) -> dict:
             order = ["base", "adapters"] if i % 2 == 0 else ["adapters", "base"]
             for side in order:
                 before = collections.Counter(server.engine.batch_sizes)
-                rd = clients(server.url, sides[side])
+                rd = clients(server.url, sides[side], per_client=PER_CLIENT)
                 rd.steps = collections.Counter(server.engine.batch_sizes) - before
                 rounds[side].append(rd)
         streamed = {}
@@ -388,10 +398,16 @@ def transformers_serve(threads: int, work: Path) -> tuple[float | None, str]:
             warm = clients(url, [model], max_tokens=8, timeout=ANCHOR_TIMEOUT)
             if warm.errors:
                 return None, f"transformers serve: warm-up failed: {warm.results[0].error}"
-            measured = clients(url, [model] * ADAPTERS, timeout=ANCHOR_TIMEOUT)
+            measured = clients(
+                url, [model] * ADAPTERS, timeout=ANCHOR_TIMEOUT, per_client=PER_CLIENT
+            )
             if measured.errors:
                 first = next(r.error for r in measured.results if not r.ok)
-                return None, f"transformers serve: {measured.errors}/16 requests failed: {first}"
+                total = len(measured.results)
+                return (
+                    None,
+                    f"transformers serve: {measured.errors}/{total} requests failed: {first}",
+                )
             ok = [r for r in measured.results if r.ok]
             shape = (
                 f"{statistics.mean(r.prompt_tokens for r in ok):.1f} prompt / "
@@ -455,7 +471,7 @@ def rows(served, peft_tps, peft_texts, peft_counts, tserve_tps, tserve_note, oth
     vs_base = statistics.median(
         a.tokens_per_s / b.tokens_per_s for a, b in zip(rounds["adapters"], rounds["base"])
     )
-    first = rounds["adapters"][0].results
+    first = rounds["adapters"][0].results[::PER_CLIENT]  # each client's first answer
     same = sum(r.ok and r.text.strip() == t.strip() for r, t in zip(first, peft_texts))
     all_results = [r for side in rounds.values() for rd in side for r in rd.results]
     prompt_tokens = statistics.mean(r.prompt_tokens for r in all_results if r.ok)
@@ -477,7 +493,8 @@ def rows(served, peft_tps, peft_texts, peft_counts, tserve_tps, tserve_note, oth
     out = [
         C.row(
             f"{label}: generated tokens/s, each client on its own adapter (lorakit serve) / all "
-            f"16 on the base (same server), {ROUNDS} interleaved rounds",
+            f"16 on the base (same server), {ROUNDS} interleaved rounds of {PER_CLIENT} requests "
+            "per client back to back",
             lora_tps,
             base_tps,
             "base on the same server",
