@@ -10,6 +10,7 @@ before and after training.
 from __future__ import annotations
 
 import argparse
+import os
 
 SAMPLES = 4  # held-out answers printed at the end (report.md has evaluation.samples of them)
 
@@ -59,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
         print(config.to_yaml(), end="")
         return 0
     result = train(config)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 alone reports
+        return 0
     print()
     if result.after is not None and result.after.samples:
         before = {x["where"]: x["output"] for x in (result.before.samples if result.before else [])}

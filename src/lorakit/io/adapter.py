@@ -64,10 +64,35 @@ def save_adapter(
     A write that fails (no space left on device, ...) raises ``AdapterFileError`` naming the
     directory and leaves nothing behind. Returns the directory.
     """
-    from .._version import __version__
-
     check_adapter_name(adapter_name)
     target = safety.check_path(directory, "adapter directory")
+    return write_adapter(target, adapter_contents(model, adapter_name), overwrite)
+
+
+@dataclasses.dataclass
+class AdapterContents:
+    """What :func:`save_adapter` writes: the tensors by PEFT name, their metadata, the config."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    config_text: str
+
+
+def adapter_contents(
+    model: nn.Module,
+    adapter_name: str = "default",
+    *,
+    fingerprint: dict | None = None,
+    gather: Any = None,
+) -> AdapterContents:
+    """The files' contents for adapter ``adapter_name`` of ``model``, on the CPU.
+
+    ``gather``: applied to each tensor before it is copied (a distributed run gathers a sharded
+    parameter whole this way, every rank calling this together); ``fingerprint``: the base's, when
+    its weights cannot be read here (sharded), taken earlier with ``fingerprint.fingerprint``.
+    """
+    from .._version import __version__
+
     config = require_adapter(model, adapter_name, "save")
     layers = [(p, layer) for p, layer in lora_layers(model) if adapter_name in layer.lora_A]
     peft_dict = peft_config_dict(model, adapter_name, config, layers)
@@ -75,26 +100,30 @@ def save_adapter(
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for key, slot in required.items():
-        tensor = slot.pack(adapter_name).contiguous().cpu()
+        tensor = slot.pack(adapter_name)
+        tensor = (gather(tensor) if gather is not None else tensor).contiguous().cpu()
         if tensor.data_ptr() in seen:  # a tensor reached twice (a shared module): store a copy
             tensor = tensor.clone()
         seen.add(tensor.data_ptr())
         tensors[key] = tensor
-    metadata = {
-        "format": "pt",
-        VERSION_KEY: __version__,
-        fp.METADATA_KEY: fp.dumps(fp.fingerprint(model, [p for p, _ in layers])),
-    }
+    if fingerprint is None:
+        fingerprint = fp.fingerprint(model, [p for p, _ in layers])
+    metadata = {"format": "pt", VERSION_KEY: __version__, fp.METADATA_KEY: fp.dumps(fingerprint)}
     if config.fused_slices:
         metadata[CONFIG_KEY] = json.dumps(config.to_dict(), sort_keys=True)
     config_text = json.dumps(peft_dict, indent=2, sort_keys=True) + "\n"
+    return AdapterContents(tensors, metadata, config_text)
 
+
+def write_adapter(target: Path, contents: AdapterContents, overwrite: bool = False) -> Path:
+    """Write ``contents`` as the adapter directory ``target``, crash-safe (see
+    :func:`save_adapter`)."""
     with safety.os_errors(f"cannot save the adapter to {target}", "; nothing was changed"):
         replace = safety.check_target(target, overwrite)
         staged = safety.staging_dir(target)
         try:
-            safety.write_tensors(staged / WEIGHTS_FILE, tensors, metadata)
-            safety.write_file(staged / CONFIG_FILE, config_text.encode())
+            safety.write_tensors(staged / WEIGHTS_FILE, contents.tensors, contents.metadata)
+            safety.write_file(staged / CONFIG_FILE, contents.config_text.encode())
             safety.publish(staged, target, replace)
         finally:
             if staged.exists():

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from ..errors import LorakitError
+from .distributed import full, like
 
 PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-" + PREFIX
@@ -57,8 +58,37 @@ class Saved:
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every trainable parameter, by its name in ``model`` (a shared tensor once)."""
-    return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    """Every trainable parameter, by its name in ``model`` (a shared tensor once), whole: a
+    parameter sharded by FSDP is gathered (every rank must call this together)."""
+    return {n: full(p.detach()).cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state dict with sharded (FSDP) states gathered whole: the same file as
+    one process writes (every rank must call this together)."""
+    state = optimizer.state_dict()
+    state["state"] = {
+        index: {k: full(v) if isinstance(v, torch.Tensor) else v for k, v in values.items()}
+        for index, values in state["state"].items()
+    }
+    return state
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load a state dict of whole tensors; a parameter sharded by FSDP gets its states sharded
+    the same way (so a checkpoint of any number of processes resumes on any other)."""
+    ordered = [p for g in optimizer.param_groups for p in g["params"]]
+    state = dict(state)
+    state["state"] = {
+        index: {
+            k: like(v, ordered[index])
+            if isinstance(v, torch.Tensor) and v.shape == ordered[index].shape
+            else v
+            for k, v in values.items()
+        }
+        for index, values in state["state"].items()
+    }
+    optimizer.load_state_dict(state)
 
 
 def rng_state() -> dict[str, Any]:
@@ -128,26 +158,33 @@ def save(
     keep: int = 2,
     extra: dict[str, Any] | None = None,
     best: dict[str, torch.Tensor] | None = None,
-) -> Path:
+    write: bool = True,
+) -> Path | None:
     """Write ``checkpoint-{step:06d}`` atomically; keep the newest ``keep`` (0: all).
 
     ``extra``: more entries of ``state.pt`` (plain values); ``best``: tensors written as
     ``best.safetensors`` (the best parameters so far, when they are not the current ones).
-    Directories and files get the modes the umask gives, as any file the user writes."""
+    Directories and files get the modes the umask gives, as any file the user writes.
+    ``write=False`` (the other ranks of a distributed run): only take part in gathering the
+    sharded states; rank 0 writes."""
     from safetensors.torch import save as to_bytes
+
+    trainable, optimizer_states = trainable_state(model), optimizer_state(optimizer)
+    if not write:
+        return None
 
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / f"{PREFIX}{step:06d}"
     tmp = out_dir / f"{TMP_PREFIX}{step:06d}-{secrets.token_hex(4)}"
     try:
         tmp.mkdir()  # not tempfile.mkdtemp: its 0700 would hide the run from the user's group
-        for name, tensors in (("trainable", trainable_state(model)), ("best", best)):
+        for name, tensors in (("trainable", trainable), ("best", best)):
             if tensors is not None:  # safetensors' own writer would hide a full disk's errno
                 data = to_bytes({n: t.contiguous() for n, t in tensors.items()})
                 _write_file(tmp / f"{name}.safetensors", lambda f, data=data: f.write(data))
         state = {
             "step": step,
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_states,
             "scheduler": scheduler.state_dict(),
             "rng": rng_state(),
             "data": dict(data_position),
@@ -330,4 +367,4 @@ def restore_parameters(model: nn.Module, tensors: dict[str, torch.Tensor]) -> No
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in tensors.items():
-            params[name].copy_(tensor)
+            params[name].copy_(like(tensor, params[name]))

@@ -82,6 +82,8 @@ class TrainingSection:
     checkpoint_every: int = 0
     resume: bool = False
     early_stopping: int = 0  # stop after this many held-out evaluations without a better loss
+    distributed: Literal["auto", "ddp", "fsdp", "none"] = "auto"  # under torchrun; auto: ddp
+    distributed_timeout: float = 600.0  # seconds a rank waits for the others before failing
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,7 @@ SECTIONS = {
 POSITIVE = set(
     "data.max_length training.batch_size training.grad_accum training.lr training.steps "
     "training.epochs training.log_every training.threads training.max_grad_norm "
+    "training.distributed_timeout "
     "evaluation.batch_size evaluation.max_new_tokens evaluation.max_rows".split()
 )
 NON_NEGATIVE = set(

@@ -18,13 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpoint, schedule
+from . import checkpoint, distributed, schedule
 from .best import BestKeeper
 from .config import TrainConfig
 from .data import Batches, collate
 from .evaluate import evaluate, heldout_loss
 from .metrics import JsonlLogger, MetricLogger
-from .progress import Console
+from .progress import Console, Silent
 from .report import peak_memory_mb, write_results
 from .result import TrainResult, eval_dict, eval_values
 from .resume import resume
@@ -41,18 +41,43 @@ def train(
     console: Console | None = None,
 ) -> TrainResult:
     """Fine-tune as ``config`` says; returns the figures of the run. ``model``/``tokenizer``: use
-    these instead of loading ``config.model.source`` (the model is changed in place)."""
+    these instead of loading ``config.model.source`` (the model is changed in place).
+
+    Under torchrun each process runs this with the same config (see ``distributed.py``): rank 0
+    reports and writes, every rank computes; the result is rank 0's on every rank."""
+    world = distributed.start(config.training, config.model.device)
+    try:
+        result = _train(config, world, model, tokenizer, loggers, console)
+    except BaseException:
+        world.close(clean=False)
+        raise
+    world.close()
+    return result
+
+
+def _train(config, world, model, tokenizer, loggers, console) -> TrainResult:
     t_begin = time.perf_counter()
+    if not world.main:
+        console, loggers = Silent(), []
     say = console.message if console else print
 
     # 1-3. Packages, data, output directory, model, method, tokens (setup.py).
-    run = setup(config, model=model, tokenizer=tokenizer, say=say)
+    run = setup(config, model=model, tokenizer=tokenizer, say=say, world=world)
     cfg, tc, ec = run.cfg, run.cfg.training, run.cfg.evaluation
     model, tokenizer, eval_rows, steps = run.model, run.tokenizer, run.eval_rows, run.steps
     out = Path(cfg.output.dir)
+    if world.size > 1:
+        say(
+            f"{world.size} processes ({world.mode}, {world.backend}); "
+            "training.batch_size is the global batch"
+        )
+    # what the steps call (DDP's wrapper, or the model sharded in place by FSDP), and the model
+    # everything else reads and writes (names and parameters as one process has them)
+    net = world.wrap(model)
+    model = world.inner(net)
 
     # 4. Optimizer, schedule, data order; or all of them as a checkpoint left them.
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = schedule.build(optimizer, steps, tc.warmup_steps, tc.schedule, tc.min_lr_ratio)
     batches = Batches(run.train_rows, tc.batch_size, tc.seed)
@@ -68,7 +93,8 @@ def train(
         say(f"resumed from {saved.path.name} at step {start} of {steps}")
 
     loggers = list(loggers or [])
-    loggers.append(JsonlLogger(out / "metrics.jsonl", keep_until=start or None))
+    if world.main:
+        loggers.append(JsonlLogger(out / "metrics.jsonl", keep_until=start or None))
     console = console or Console(steps, start, tc.log_every)
     loggers.append(console)
 
@@ -96,8 +122,11 @@ def train(
     model.train()
     t_train = time.perf_counter()
     for step in range(start + 1, (start if result.stopped_early else steps) + 1):
-        micro = [_to(collate(batches.next(), run.pad), run.device) for _ in range(tc.grad_accum)]
-        values = train_step(model, micro, params, optimizer, scheduler, tc.max_grad_norm, step)
+        micro = [
+            _to(collate(world.share(batches.next()), run.pad), run.device)
+            for _ in range(tc.grad_accum)
+        ]
+        values = train_step(net, micro, params, optimizer, scheduler, tc.max_grad_norm, step, world)
         result.losses[step] = values["loss"]
         log("train", step, values)
         last = step
@@ -119,6 +148,7 @@ def train(
                 keep=cfg.output.keep_checkpoints,
                 extra={"best": keeper.state_dict() if keeper else None},
                 best=keeper.checkpoint_tensors(step) if keeper else None,
+                write=world.main,
             )
         if stop:
             result.stopped_early = True
@@ -152,10 +182,11 @@ def train(
             result.kept_loss = result.after.loss
     for logger in loggers:
         logger.close()
-    result.saved = save_trained(model, tokenizer, out, tc.method)
+    result.saved = save_trained(model, tokenizer, out, tc.method, world)
     result.peak_memory_mb = peak_memory_mb()
     rows = (run.examples, len(eval_rows), run.truncated)
-    write_results(result, cfg, run.model_name, rows, t_begin, say)
+    if world.main:
+        write_results(result, cfg, run.model_name, rows, t_begin, say)
     return result
 
 

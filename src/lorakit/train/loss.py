@@ -35,9 +35,11 @@ def token_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.
     keep[:, :-1] = targets_mask  # logits at t predict label t + 1
     targets = labels[:, 1:][targets_mask]  # (n,)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    cls = type(model)
+    # DDP's wrapper passes every keyword on to the model it wraps
+    inner = model.module if type(model).__name__ == "DistributedDataParallel" else model
+    cls = type(inner)
     if cls not in _KEEPS_LOGITS:
-        _KEEPS_LOGITS[cls] = "logits_to_keep" in inspect.signature(model.forward).parameters
+        _KEEPS_LOGITS[cls] = "logits_to_keep" in inspect.signature(inner.forward).parameters
     logits = None
     if _KEEPS_LOGITS[cls]:
         logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits

@@ -81,3 +81,16 @@ class Console:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class Silent(Console):
+    """The console of a distributed run's other processes: rank 0 alone speaks."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def message(self, text: str) -> None:
+        pass
+
+    def log(self, kind: str, step: int, values: Mapping[str, Any]) -> None:
+        pass

@@ -27,7 +27,8 @@ from .output import TrainingError
 # Settings a resumed run may change; any other difference from the checkpoint's config is an error.
 RESUMABLE = set(
     "training.resume training.log_every training.checkpoint_every training.threads "
-    "training.early_stopping model.device output.keep_checkpoints output.keep_best "
+    "training.early_stopping training.distributed training.distributed_timeout model.device "
+    "output.keep_checkpoints output.keep_best "
     "output.overwrite output.plot output.report evaluation.before evaluation.exact_match "
     "evaluation.max_rows evaluation.batch_size evaluation.max_new_tokens evaluation.samples".split()
 )
@@ -63,7 +64,7 @@ def resume(
         batches.load_state_dict(saved.state["data"])  # other data: an error, not damage
         try:
             checkpoint.restore_parameters(model, saved.tensors)
-            optimizer.load_state_dict(saved.state["optimizer"])
+            checkpoint.load_optimizer_state(optimizer, saved.state["optimizer"])
             scheduler.load_state_dict(saved.state["scheduler"])
             checkpoint.set_rng_state(saved.state["rng"])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:

@@ -22,6 +22,7 @@ from ..generate import Encoded, Formatter
 from ..model import apply_lora, count_parameters
 from .config import TrainConfig, resolve_auto
 from .data import encode_all, pack, read_jsonl
+from .distributed import World, full
 from .metrics import read_metrics
 from .output import prepare
 from .requirements import check_requirements
@@ -48,22 +49,32 @@ class Setup:
 
 
 def setup(
-    config: TrainConfig, *, model: nn.Module | None = None, tokenizer: Any = None, say: Any = print
+    config: TrainConfig,
+    *,
+    model: nn.Module | None = None,
+    tokenizer: Any = None,
+    say: Any = print,
+    world: World | None = None,
 ) -> Setup:
     """Steps 1 to 3 of a run (see ``loop.py``); ``model``/``tokenizer``: use these instead of
     loading ``config.model.source`` (the model is changed in place). The returned ``cfg`` has its
-    ``auto`` values (``training.lr``, ``training.epochs``) computed."""
+    ``auto`` values (``training.lr``, ``training.epochs``) computed. ``world``: in a distributed
+    run, every rank checks and loads; a failure on any rank stops every rank."""
     cfg, tc, ec = config, config.training, config.evaluation
     out = Path(cfg.output.dir)
+    world = world or World()
 
     # 1. Packages, data and the output directory, checked before any weight is loaded.
-    check_requirements(cfg, load_model=model is None)
-    train_examples = read_jsonl(cfg.data.train)
-    eval_examples = read_jsonl(cfg.data.eval) if cfg.data.eval else []
-    eval_examples = eval_examples[: ec.max_rows] if ec.max_rows else eval_examples
-    prepare(out, tc.resume, cfg.output.overwrite)
+    with world.together():
+        check_requirements(cfg, load_model=model is None)
+        train_examples = read_jsonl(cfg.data.train)
+        eval_examples = read_jsonl(cfg.data.eval) if cfg.data.eval else []
+        eval_examples = eval_examples[: ec.max_rows] if ec.max_rows else eval_examples
+        if world.main:  # the output directory is rank 0's
+            prepare(out, tc.resume, cfg.output.overwrite)
     if tc.resume:
-        read_metrics(out / "metrics.jsonl")  # a damaged line is an error now, not after loading
+        with world.together():  # a damaged line is an error now, not after loading
+            read_metrics(out / "metrics.jsonl")
 
     # 2. The model, then the method: LoRA adapters, a 4-bit base with adapters, or every weight.
     if tc.threads:
@@ -71,20 +82,21 @@ def setup(
     model_name = cfg.model.source or "SmolLM2-135M-Instruct (embedded)"
     if model is not None:
         model_name = f"a {type(model).__name__} given in code"
-    else:
-        from ..models import load_model
+    with world.together():
+        if model is None:
+            from ..models import load_model
 
-        t0 = time.perf_counter()
-        model, tokenizer = load_model(cfg.model.source, dtype=getattr(torch, cfg.model.dtype))
-        say(
-            f"loaded {cfg.model.source or 'SmolLM2-135M-Instruct'} in "
-            f"{time.perf_counter() - t0:.1f} s"
-        )
-    random.seed(tc.seed)
-    torch.manual_seed(tc.seed)  # LoRA's A matrices start random: the seed fixes them
-    model = prepare_model(model, cfg)
-    device = device_of(cfg.model.device)
-    model.to(device)
+            t0 = time.perf_counter()
+            model, tokenizer = load_model(cfg.model.source, dtype=getattr(torch, cfg.model.dtype))
+            say(
+                f"loaded {cfg.model.source or 'SmolLM2-135M-Instruct'} in "
+                f"{time.perf_counter() - t0:.1f} s"
+            )
+        random.seed(tc.seed)
+        torch.manual_seed(tc.seed)  # LoRA's A matrices start random: the seed fixes them
+        model = prepare_model(model, cfg)
+        device = device_of(cfg.model.device, world)
+        model.to(device)
     trainable, total = count_parameters(model)
     say(f"{tc.method}: trainable {trainable:,} / {total:,} ({100 * trainable / total:.2f}%)")
 
@@ -135,20 +147,41 @@ def prepare_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     return model
 
 
-def save_trained(model: nn.Module, tokenizer: Any, out: Path, method: str) -> Path:
-    """The adapter in PEFT's layout (``out/adapter``), or the whole model for method ``full``."""
-    if method == "full":
-        target = out / "model"
-        model.save_pretrained(target)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(target)
-        return target
-    from ..io import save_adapter
+def save_trained(
+    model: nn.Module, tokenizer: Any, out: Path, method: str, world: World | None = None
+) -> Path:
+    """The adapter in PEFT's layout (``out/adapter``), or the whole model for method ``full``.
+    In a distributed run rank 0 writes; with FSDP every rank takes part in gathering the
+    adapter's shards (and the fingerprint is the one taken before sharding)."""
+    world = world or World()
+    target = out / ("model" if method == "full" else "adapter")
+    contents = None
+    if world.sharded:
+        from ..io.adapter import adapter_contents
 
-    return save_adapter(model, out / "adapter", overwrite=True)
+        contents = adapter_contents(model, fingerprint=world.fingerprint, gather=full)
+    with world.together():  # rank 0 writes; a failure there stops every rank
+        if not world.main:
+            pass
+        elif contents is not None:
+            from ..io.adapter import write_adapter
+
+            write_adapter(target, contents, overwrite=True)
+        elif method == "full":
+            model.save_pretrained(target)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(target)
+        else:
+            from ..io import save_adapter
+
+            save_adapter(model, target, overwrite=True)
+    return target
 
 
-def device_of(name: str) -> torch.device:
+def device_of(name: str, world: World | None = None) -> torch.device:
+    """The device ``model.device`` names; in a distributed run on CUDA, this process's GPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and world is not None and world.backend == "nccl":
+        return torch.device("cuda", world.local_rank)
     return torch.device(name)
