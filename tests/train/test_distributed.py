@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -145,13 +146,18 @@ def one_process(base, tmp_path_factory):
     return tmp / "one"
 
 
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["", "gradient-checkpointing"])
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_processes_train_the_adapter_of_one(base, one_process, tmp_path, mode):
-    done = train(2, config(tmp_path, base, mode, distributed=mode))
+def test_two_processes_train_the_adapter_of_one(base, one_process, tmp_path, mode, checkpointing):
+    cfg = config(tmp_path, base, mode, distributed=mode, gradient_checkpointing=checkpointing)
+    done = train(2, cfg)
     assert_same_run(tmp_path / mode, one_process)
     assert f"2 processes ({mode}, gloo)" in done.stdout
     assert done.stdout.count("trainable") == 1  # rank 0 alone speaks
     assert done.stdout.count("step 4/4") == 1
+    if mode == "fsdp":  # the frozen base is sharded too: each rank holds about half
+        share = re.search(r"fsdp: rank 0 holds .* \((\d+)%\) between steps", done.stdout)
+        assert share is not None and 45 <= int(share.group(1)) <= 55, done.stdout
 
 
 def test_an_adapter_from_two_processes_loads_with_the_base_fingerprint(base, tmp_path):

@@ -166,6 +166,17 @@ class World:
             return model
         return model
 
+    def held(self, model: nn.Module) -> tuple[int, int]:
+        """(bytes of the model's parameters and buffers this process holds, bytes of the whole
+        model): with FSDP about 1/N of it, else all of it."""
+        mine = whole = 0
+        for t in [*model.parameters(), *model.buffers()]:
+            size = t.element_size()
+            local = t.to_local() if hasattr(t, "to_local") else t
+            mine += local.numel() * size
+            whole += t.numel() * size
+        return mine, whole
+
     def inner(self, model: nn.Module) -> nn.Module:
         """The model without DDP's wrapper (names and parameters as one process has them)."""
         return getattr(model, "module", model) if self.mode == "ddp" else model

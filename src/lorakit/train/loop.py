@@ -75,6 +75,12 @@ def _train(config, world, model, tokenizer, loggers, console) -> TrainResult:
     # everything else reads and writes (names and parameters as one process has them)
     net = world.wrap(model)
     model = world.inner(net)
+    if world.sharded:
+        mine, whole = world.held(model)
+        say(
+            f"fsdp: rank 0 holds {mine / 2**20:.2f} MiB of the model's {whole / 2**20:.2f} MiB "
+            f"({mine / whole:.0%}) between steps"
+        )
 
     # 4. Optimizer, schedule, data order; or all of them as a checkpoint left them.
     params = [p for p in net.parameters() if p.requires_grad]
