@@ -527,9 +527,10 @@ def _unload(model: nn.Module) -> nn.Module:
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters, each shared tensor counted once.
 
-    A quantized weight counts as the elements it stands for (frozen).
+    A quantized weight counts as the elements it stands for (frozen), not the frozen parameters
+    its codes and scales are stored in.
     """
-    seen: set[int] = set()
+    seen = {id(p) for _, w in quantized_weights(model) for p in w.parameters()}
     trainable = 0
     total = sum(w.numel() for _, w in quantized_weights(model))
     for p in model.parameters():

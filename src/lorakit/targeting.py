@@ -294,8 +294,9 @@ def plan(model: nn.Module, config: LoraConfig) -> Plan:
         problems.append("the configuration selects no module to adapt")
     gather(problems, TargetError, f"cannot target {type(model).__name__}")
 
-    seen: set[int] = set()
-    base_params = sum(w.numel() for _, w in quantized_weights(model))  # frozen, not parameters
+    quantized = [w for _, w in quantized_weights(model)]
+    seen = {id(p) for w in quantized for p in w.parameters()}  # its codes: counted as elements
+    base_params = sum(w.numel() for w in quantized)
     for p in model.parameters():
         if id(p) not in seen:
             seen.add(id(p))
@@ -305,7 +306,8 @@ def plan(model: nn.Module, config: LoraConfig) -> Plan:
         sub = model.get_submodule(path)
         if isinstance(sub, L.SavedModule):
             sub = sub.original_module
-        saved.append((path, sum(p.numel() for p in sub.parameters())))
+        trained = [p for p in sub.parameters() if p.is_floating_point()]  # as SavedModule trains
+        saved.append((path, sum(p.numel() for p in trained)))
     return Plan(
         rows=tuple(rows),
         saved=tuple(saved),

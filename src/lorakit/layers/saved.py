@@ -32,17 +32,19 @@ class SavedModule(nn.Module):
         return list(self.modules_to_save.keys())
 
     def adapter_tensors(self, name: str) -> list[nn.Parameter]:
-        """The tensors adapter ``name`` trains here: every parameter of its copy."""
+        """The tensors adapter ``name`` trains here: every floating-point parameter of its copy
+        (a quantized weight's codes and scales, uint8, stay frozen)."""
         if name not in self.modules_to_save:
             raise AdapterError(f"{type(self.original_module).__name__}: no adapter {name!r}")
-        return list(self.modules_to_save[name].parameters())
+        return [p for p in self.modules_to_save[name].parameters() if p.is_floating_point()]
 
     def add_adapter(self, name: str) -> None:
         if name in self.modules_to_save:
             raise AdapterError(f"{type(self.original_module).__name__}: {name!r} already exists")
         trained = copy.deepcopy(self.original_module)
         for p in trained.parameters():
-            p.requires_grad_(True)
+            if p.is_floating_point():
+                p.requires_grad_(True)
         self.modules_to_save[name] = trained
 
     def delete_adapter(self, name: str) -> None:

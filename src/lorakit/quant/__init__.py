@@ -9,6 +9,9 @@ imports bitsandbytes.
 
     model = lorakit.quantize(model, "nf4", double_quant=True)   # QLoRA's base
     model = lorakit.apply_lora(model, LoraConfig(r=16, target_modules="all-linear"))
+
+Under FSDP2 the codes and scales are frozen parameters, so ``fully_shard`` on each decoder block
+and then the root shards them like any weight (:mod:`lorakit.quant.storage` says why and how).
 """
 
 from .blockwise import BLOCKSIZES, NESTED_BLOCKSIZE
@@ -24,6 +27,7 @@ from .convert import (
     requantize,
 )
 from .linear import QuantLinear, quantized_linear
+from .storage import quantized_storage_bytes
 from .weight import QuantizedWeight
 
 __all__ = [
@@ -40,6 +44,7 @@ __all__ = [
     "load_quantized",
     "quantize",
     "quantized_linear",
+    "quantized_storage_bytes",
     "quantized_weights",
     "requantization_errors",
     "requantize",

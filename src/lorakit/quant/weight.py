@@ -3,9 +3,9 @@
 The quantization belongs to the weight, not to a layer class per backend (torchao's NF4 tensor is
 the model): a layer that owns a ``QuantizedWeight`` where it would own a ``weight`` parameter
 computes with :func:`lorakit.quant.quantized_linear` instead of ``F.linear`` and nothing else
-changes. It is a small ``nn.Module`` so that ``.to(device)``, ``deepcopy`` and ``state_dict`` carry
-it along with its layer, and it answers ``shape``, ``dtype``, ``device`` and ``numel()`` like the
-tensor it stands for.
+changes. It is a small ``nn.Module`` so that ``.to(device)``, ``deepcopy``, ``state_dict`` and
+FSDP2's ``fully_shard`` carry it along with its layer, and it answers ``shape``, ``dtype``,
+``device`` and ``numel()`` like the tensor it stands for.
 
 What it stores (n = elements, B = block size; bitsandbytes' names in brackets):
 
@@ -15,6 +15,11 @@ What it stores (n = elements, B = block size; bitsandbytes' names in brackets):
     nested_absmax  (n/B/256,) float32     scales of the absmax codes                [nested_absmax]
     nested_code    (256,) float32         the 8-bit dynamic map                  [nested_quant_map]
     offset         float                  mean absmax, subtracted before the nested quantization
+
+``packed``, ``absmax`` and ``nested_absmax``, the tensors that grow with the weight, are held as
+frozen uint8 parameters of their bytes (``packed``, ``absmax_bytes``, ``nested_absmax_bytes``;
+``absmax`` and ``nested_absmax`` are typed views of them), so that ``fully_shard`` shards them
+(see :mod:`lorakit.quant.storage` for why); the codebooks are buffers. None ever needs a gradient.
 
 NF4 with double quantization at B = 64 costs 4 + 8/64 + 32/(64·256) = 4.127 bits per weight
 (QLoRA paper, section 3), about 0.129 of float32.
@@ -36,6 +41,7 @@ from ..errors import QuantError
 from . import blockwise as bw
 from .bnb_state import NESTED_KEYS, QUANT_STATE, check_entries, read_fields
 from .codebooks import FOUR_BIT, bits_of, check_quant_type, codebook
+from .storage import as_storage, typed
 
 PACKED = "packed"  # where a layer hands the packed codes (its own ``weight`` key) to the weight
 
@@ -59,10 +65,13 @@ class QuantizedWeight(nn.Module):
         compute_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.register_buffer("packed", packed)
-        self.register_buffer("absmax", absmax)
+        self.register_parameter("packed", as_storage(packed))
+        self.register_parameter("absmax_bytes", as_storage(absmax))
+        self.register_parameter(
+            "nested_absmax_bytes", None if nested_absmax is None else as_storage(nested_absmax)
+        )
+        self._absmax_dtype = absmax.dtype  # uint8 codes when double-quantized, else float32
         self.register_buffer("code", code)
-        self.register_buffer("nested_absmax", nested_absmax)
         self.register_buffer("nested_code", nested_code)
         self.shape = torch.Size(shape)
         self.dtype = dtype
@@ -142,10 +151,23 @@ class QuantizedWeight(nn.Module):
                 f"(block {self.blocksize}): " + "; ".join(problems)
             )
 
+    # -- what it holds ----------------------------------------------------------------------
+    @property
+    def absmax(self) -> torch.Tensor:
+        """(n/B,) block scales: float32, or their uint8 codes when double-quantized (a view)."""
+        stored = self.absmax_bytes
+        return typed(stored, self._absmax_dtype, (stored.shape[0],))
+
+    @property
+    def nested_absmax(self) -> torch.Tensor | None:
+        """(n/B/256,) float32 scales of the absmax codes (a view), None without double quant."""
+        stored = self._parameters["nested_absmax_bytes"]
+        return None if stored is None else typed(stored, torch.float32, (stored.shape[0],))
+
     # -- what it stands for ----------------------------------------------------------------
     @property
     def double_quant(self) -> bool:
-        return self.nested_absmax is not None
+        return self._parameters["nested_absmax_bytes"] is not None
 
     @property
     def device(self) -> torch.device:
@@ -164,8 +186,9 @@ class QuantizedWeight(nn.Module):
 
     @property
     def nbytes(self) -> int:
-        """Bytes of every tensor it holds (codes, scales, codebooks)."""
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        """Bytes of every tensor it holds (codes, scales, codebooks), on all ranks together."""
+        held = (*self.parameters(), *self.buffers())
+        return sum(t.numel() * t.element_size() for t in held)
 
     def scales(self) -> torch.Tensor:
         """The per-block absmax values in float32, undoing the double quantization if any."""
@@ -182,7 +205,15 @@ class QuantizedWeight(nn.Module):
 
         Values are computed in float32 (``code[q] · absmax``) and cast once, as bitsandbytes does.
         ``out``: a float32 buffer of at least :attr:`dense_size` elements for those values.
+        Under FSDP2 this works while the weight's unit is gathered (in its forward and backward,
+        or after ``unit.unshard()``); on the shards alone it is a :class:`QuantError`.
         """
+        if hasattr(self.packed, "placements"):  # a DTensor: only this rank's shard is here
+            raise QuantError(
+                f"this {self.quant_type} weight of shape {tuple(self.shape)} is sharded by FSDP "
+                "and holds only this rank's part of its codes; decode it inside its unit's "
+                "forward or after unit.unshard()"
+            )
         out = bw.dequantize_codes(
             self.packed, self.scales(), self.code, self.numel(), self.blocksize, out
         ).view(self.shape)
@@ -309,16 +340,34 @@ class QuantizedWeight(nn.Module):
     def _adopt(self, other: QuantizedWeight) -> None:
         """Take over another weight's data and format, on this weight's device."""
         device = self.device
+        for name, value in other._parameters.items():
+            if value is not None and device.type != "meta" and value.device != device:
+                value = nn.Parameter(value.to(device), requires_grad=False)
+            self._parameters[name] = value
         for name, value in other._buffers.items():
             if value is not None and device.type != "meta":
                 value = value.to(device)
             self._buffers[name] = value
+        self._absmax_dtype = other._absmax_dtype
         self.dtype, self.quant_type = other.dtype, other.quant_type
         self.blocksize, self.offset = other.blocksize, other.offset
 
     def _apply(self, fn, recurse=True):
         # Moves follow the module (.to(device), .cuda()); dtype casts do not: codes, scales and
-        # codebooks keep their dtypes (a float16 absmax would break bit-compatibility).
+        # codebooks keep their dtypes (a float16 absmax would break bit-compatibility). A stored
+        # parameter keeps its identity where torch allows, as nn.Module._apply does.
+        for name, param in self._parameters.items():
+            if param is None:
+                continue
+            moved = fn(param)
+            if moved.dtype != param.dtype:
+                moved = param.to(moved.device)
+            if moved is param:
+                continue
+            if torch._has_compatible_shallow_copy_type(param, moved):
+                param.data = moved
+            else:
+                self._parameters[name] = nn.Parameter(moved, requires_grad=False)
         for name, buf in self._buffers.items():
             if buf is not None:
                 moved = fn(buf)
