@@ -83,6 +83,17 @@ class World:
         dist.all_reduce(t)
         return t.tolist()
 
+    def gather(self, value: float) -> list[float]:
+        """``value`` of every rank, in rank order."""
+        if not self._group:
+            return [value]
+        import torch.distributed as dist
+
+        mine = torch.tensor([value], dtype=torch.float64, device=self._device())
+        every = [torch.zeros_like(mine) for _ in range(self.size)]
+        dist.all_gather(every, mine)
+        return [float(t) for t in every]
+
     def agree(self, error: BaseException | None) -> None:
         """Every rank says whether it failed; if any did, every rank raises: the failed ones
         their own error, the others a :class:`DistributedError` naming the failed ranks."""

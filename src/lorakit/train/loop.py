@@ -190,6 +190,8 @@ def _train(config, world, model, tokenizer, loggers, console) -> TrainResult:
         logger.close()
     result.saved = save_trained(model, tokenizer, out, tc.method, world)
     result.peak_memory_mb = peak_memory_mb()
+    result.peak_memory_mb_per_process = world.gather(result.peak_memory_mb)
+    result.processes, result.distributed = world.size, world.mode
     rows = (run.examples, len(eval_rows), run.truncated)
     if world.main:
         write_results(result, cfg, run.model_name, rows, t_begin, say)

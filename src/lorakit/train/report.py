@@ -35,6 +35,14 @@ def peak_memory_mb() -> float:
     return mb
 
 
+def _processes(s: dict[str, Any]) -> str:
+    """The processes of a distributed run and each one's peak memory ('' for one process)."""
+    if s.get("processes", 1) <= 1:
+        return ""
+    peaks = ", ".join(f"{mb:,.0f}" for mb in s["peak_memory_mb_per_process"])
+    return f" in rank 0; {s['processes']} processes ({s['distributed']}), peaks {peaks} MB"
+
+
 def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
@@ -96,7 +104,7 @@ def render(summary: dict[str, Any], before: EvalResult | None, after: EvalResult
         + (f" (resumed at step {s['start_step']})" if s["start_step"] else ""),
         f"- time: {s['train_seconds']:.1f} s training ({s['step_seconds']:.2f} s/step, "
         f"{s['tokens_per_s']:,.0f} tokens/s), {s['total_seconds']:.1f} s in all",
-        f"- peak memory: {s['peak_memory_mb']:,.0f} MB ({s['device']})",
+        f"- peak memory: {s['peak_memory_mb']:,.0f} MB ({s['device']})" + _processes(s),
         f"- final training loss: {s['final_loss']:.4f}",
         *_kept_lines(s),
         f"- torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -153,6 +161,9 @@ def write_results(
         "tokens_per_s": sum(r["tokens"] for r in done) / max(result.train_seconds, 1e-9),
         "total_seconds": time.perf_counter() - t_begin,
         "peak_memory_mb": result.peak_memory_mb,
+        "peak_memory_mb_per_process": result.peak_memory_mb_per_process,
+        "processes": result.processes,
+        "distributed": result.distributed,
         "device": str(device_of(cfg.model.device)),
         "final_loss": next(
             (r["loss"] for r in reversed(records) if r["kind"] == "train"), float("nan")

@@ -21,6 +21,9 @@ class TrainResult:
     total: int = 0
     train_seconds: float = 0.0
     peak_memory_mb: float = 0.0
+    peak_memory_mb_per_process: list[float] = field(default_factory=list)  # by rank, torchrun
+    processes: int = 1
+    distributed: str = "none"  # none, ddp or fsdp
     saved: Path | None = None  # the adapter directory (or the model, for method "full")
     warnings: list[str] = field(default_factory=list)  # what went wrong without losing the run
     last_step: int = 0  # the last step trained (before ``steps`` when stopped early)
