@@ -139,25 +139,46 @@ def assert_same_run(got: Path, want: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def one_process(base, tmp_path_factory):
-    """The one-process run every distributed one is compared with."""
-    tmp = tmp_path_factory.mktemp("dist-one")
-    train(1, config(tmp, base, "one", checkpoint_every=2))
-    return tmp / "one"
+def alone(base, tmp_path_factory):
+    """method -> the one-process run the distributed ones are compared with (made once)."""
+    made: dict[str, Path] = {}
+
+    def run(method: str = "lora") -> Path:
+        if method not in made:
+            tmp = tmp_path_factory.mktemp(f"dist-one-{method}")
+            train(1, config(tmp, base, "one", checkpoint_every=2, method=method))
+            made[method] = tmp / "one"
+        return made[method]
+
+    return run
 
 
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["", "gradient-checkpointing"])
+@pytest.fixture(scope="module")
+def one_process(alone):
+    return alone("lora")
+
+
+@pytest.mark.parametrize(
+    ("method", "checkpointing"),
+    [("lora", False), ("lora", True), ("qlora", False)],
+    ids=["lora", "lora-gradient-checkpointing", "qlora"],
+)
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_processes_train_the_adapter_of_one(base, one_process, tmp_path, mode, checkpointing):
-    cfg = config(tmp_path, base, mode, distributed=mode, gradient_checkpointing=checkpointing)
+def test_two_processes_train_the_adapter_of_one(base, alone, tmp_path, mode, method, checkpointing):
+    cfg = config(
+        tmp_path, base, mode, distributed=mode, gradient_checkpointing=checkpointing, method=method
+    )
     done = train(2, cfg)
-    assert_same_run(tmp_path / mode, one_process)
+    assert_same_run(tmp_path / mode, alone(method))
     assert f"2 processes ({mode}, gloo)" in done.stdout
     assert done.stdout.count("trainable") == 1  # rank 0 alone speaks
     assert done.stdout.count("step 4/4") == 1
     if mode == "fsdp":  # the frozen base is sharded too: each rank holds about half
         share = re.search(r"fsdp: rank 0 holds .* \((\d+)%\) between steps", done.stdout)
-        assert share is not None and 45 <= int(share.group(1)) <= 55, done.stdout
+        # a 4-bit weight keeps its codebooks (1.1 KB) on every rank: on this tiny model they
+        # are a tenth of it (on the embedded model the share is 50%, see BENCHMARKS.md)
+        high = 65 if method == "qlora" else 55
+        assert share is not None and 45 <= int(share.group(1)) <= high, done.stdout
 
 
 def test_an_adapter_from_two_processes_loads_with_the_base_fingerprint(base, tmp_path):
