@@ -1,7 +1,12 @@
 """Shared pieces of the training tests: a character-level tokenizer with a chat template and a
-tiny Llama, both built in code (nothing downloaded), and a JSONL writer."""
+tiny Llama, both built in code (nothing downloaded), a JSONL writer, and the command lines of
+``lorakit train`` in one process or under torchrun."""
 
 import json
+import os
+import socket
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,3 +129,29 @@ def resumed(cfg):
 
     raw = cfg.to_dict()
     return build({**raw, "training": {**raw["training"], "resume": True}})
+
+
+# -- lorakit train in subprocesses: one process, or torchrun's ---------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def environment() -> dict:
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([src, env.get("PYTHONPATH", "")]))
+    return env
+
+
+def command(processes: int, cfg: Path, *overrides: str) -> list[str]:
+    if processes == 1:
+        return [sys.executable, "-m", "lorakit", "train", str(cfg), *overrides]
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+        "--nproc_per_node", str(processes), "--master_addr", "127.0.0.1",
+        "--master_port", str(free_port()), "-m", "lorakit", "train", str(cfg), *overrides,
+    ]  # fmt: skip

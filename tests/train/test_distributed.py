@@ -13,9 +13,7 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,7 +22,7 @@ import torch
 import yaml
 
 from char_tokenizer import char_tokenizer
-from conftest import date_rows, tiny_llama, write_jsonl
+from conftest import command, date_rows, environment, tiny_llama, write_jsonl
 
 RUN_TIMEOUT = 240  # seconds, one torchrun of a few steps on a 2-core machine
 # Sums over the ranks add in another order than one process does; AdamW's division by the root
@@ -69,29 +67,6 @@ def config(tmp_path: Path, base: Path, name: str, **training) -> Path:
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def environment() -> dict:
-    src = str(Path(__file__).resolve().parents[2] / "src")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([src, env.get("PYTHONPATH", "")]))
-    return env
-
-
-def command(processes: int, cfg: Path, *overrides: str) -> list[str]:
-    if processes == 1:
-        return [sys.executable, "-m", "lorakit", "train", str(cfg), *overrides]
-    return [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
-        "--nproc_per_node", str(processes), "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()), "-m", "lorakit", "train", str(cfg), *overrides,
-    ]  # fmt: skip
 
 
 def train(processes: int, cfg: Path, *overrides: str, ok: bool = True):
