@@ -4,7 +4,8 @@ The config (see :mod:`lorakit.train.config`) is read, overridden and validated b
 loaded, so a typo fails in a fraction of a second with every problem listed. ``--print-config``
 prints the resolved config and stops. The run writes its adapter, checkpoints, ``metrics.jsonl``,
 ``loss.png`` and ``report.md`` to ``output.dir`` and ends by printing the held-out evaluation
-before and after training.
+before and after training. A config with ``adapters:`` trains them all in one run
+(:mod:`lorakit.train.multi`) and ends by printing their table (``summary.md``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ EPILOG = """examples:
   lorakit train examples/date_demo.yaml training.steps=60 output.dir=runs/short
   lorakit train examples/date_demo.yaml training.resume=true    # continue after an interruption
   lorakit train data.train=my.jsonl data.eval=held_out.jsonl lora.r=8 --print-config
+  lorakit train customers.yaml adapters.acme.lora.r=4   # a config with adapters: (many in one run)
 """
 
 
@@ -63,6 +65,15 @@ def run(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 alone reports
         return 0
     print()
+    if config.adapters:  # many adapters in one run: their table
+        summary = result.out_dir / "summary.md"
+        if summary.is_file():
+            print(summary.read_text(encoding="utf-8"))
+        for name, one in result.adapters.items():
+            for warning in one.warnings:
+                print(f"warning: {name}: {warning}")
+        print(f"wrote {result.out_dir / 'adapters'}/NAME/adapter for {', '.join(result.adapters)}")
+        return 0
     if result.after is not None and result.after.samples:
         before = {x["where"]: x["output"] for x in (result.before.samples if result.before else [])}
         print("held-out answers after training (expected; before training):")

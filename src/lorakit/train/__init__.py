@@ -10,6 +10,8 @@
 * ``setup``: packages, data, output directory, model, method, tokens: all before the first step;
 * ``step``: one optimizer step (gradient accumulation, clipping, the update);
 * ``loop``: :func:`train`, the loop itself, from setup to the report;
+* ``multi_config``, ``multi``: many adapters in one run (``adapters:`` in the config), each
+  trained from its own rows on one shared base, with a summary table;
 * ``result``: what a run gives back;
 * ``evaluate``: held-out loss and exact match by greedy generation;
 * ``requirements``: the packages a run needs, checked before any weight loads;
@@ -25,12 +27,14 @@ from ..errors import DataError
 from .config import TrainConfig, load_config
 from .evaluate import EvalResult
 from .loop import train
+from .multi import ManyResult
 from .output import TrainingError
 from .result import TrainResult
 
 __all__ = [
     "DataError",
     "EvalResult",
+    "ManyResult",
     "TrainConfig",
     "TrainResult",
     "TrainingError",

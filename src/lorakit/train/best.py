@@ -24,8 +24,9 @@ from .checkpoint import CheckpointError, Saved, restore_parameters, trainable_st
 class BestKeeper:
     """The best held-out loss so far: its step, its loss and (with ``keep``) its parameters."""
 
-    def __init__(self, patience: int = 0, keep: bool = True):
+    def __init__(self, patience: int = 0, keep: bool = True, names: set[str] | None = None):
         self.patience, self.keep = patience, keep
+        self.names = names  # the parameters kept (None: every trainable one): one adapter's
         self.step: int | None = None
         self.loss = math.inf
         self.stale = 0  # evaluations since the best one
@@ -40,8 +41,11 @@ class BestKeeper:
             return False
         self.step, self.loss, self.stale = step, loss, 0
         if self.keep:
-            self.tensors = {n: t.clone() for n, t in trainable_state(model).items()}
+            self.tensors = {n: t.clone() for n, t in self._mine(trainable_state(model)).items()}
         return True
+
+    def _mine(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return tensors if self.names is None else {n: tensors[n] for n in self.names}
 
     @property
     def exhausted(self) -> bool:
@@ -62,7 +66,7 @@ class BestKeeper:
 
     def load_state_dict(self, state: Any, saved: Saved) -> None:
         """Take the best of a checkpoint; a :class:`CheckpointError` if it is malformed."""
-        self.__init__(self.patience, self.keep)
+        self.__init__(self.patience, self.keep, self.names)
         if state is None:  # a checkpoint of a run without evaluations during training
             return
         ok = isinstance(state, dict) and isinstance(state.get("stale"), int)
@@ -81,9 +85,9 @@ class BestKeeper:
         if not self.keep or self.step is None:
             return
         if self.step == saved.state["step"]:
-            self.tensors = {n: t.clone() for n, t in saved.tensors.items()}
+            self.tensors = {n: t.clone() for n, t in self._mine(saved.tensors).items()}
         elif saved.best is not None:
-            self.tensors = saved.best
+            self.tensors = self._mine(saved.best)
         elif saved.state["notes"]["config"].get("output", {}).get("keep_best") is False:
             self.step, self.loss = None, math.inf  # kept nothing then: the best starts afresh
         else:

@@ -4,8 +4,9 @@ A checkpoint is a directory ``checkpoint-000050/`` in the output directory holdi
 
 * ``trainable.safetensors``: every trainable parameter by name (the adapter, for LoRA);
 * ``state.pt``: the optimizer's and the scheduler's state, the random number generators' states
-  (Python's and torch's), the data position, the step, and the run's notes (the resolved config,
-  the evaluation before training, the best held-out loss so far);
+  (Python's and torch's), the data position (a many-adapter run: each adapter's), the step, and
+  the run's notes (the resolved config, the evaluation before training, the best held-out loss
+  so far);
 * ``best.safetensors``: the parameters of that best step, when it is not this checkpoint's own
   (see :mod:`lorakit.train.best`).
 
@@ -300,7 +301,12 @@ def _state_problems(state: Any) -> list[str]:
         kinds = {frozenset(v) if isinstance(v, dict) else None for v in opt["state"].values()}
         if None in kinds or len(kinds) > 1:
             problems.append("the optimizer's per-parameter states are incomplete")
-    if not all(isinstance(state["data"].get(k), int) for k in ("epoch", "offset", "rows")):
+    streams = state["data"].get("streams")  # a many-adapter run: a position per adapter
+    positions = streams.values() if isinstance(streams, dict) and streams else [state["data"]]
+    if not all(
+        isinstance(p, dict) and all(isinstance(p.get(k), int) for k in ("epoch", "offset", "rows"))
+        for p in positions
+    ):
         problems.append("the data position needs 'epoch', 'offset' and 'rows'")
     if not isinstance(state["notes"].get("config"), dict):
         problems.append("the notes have no config")

@@ -11,6 +11,10 @@ output:     {dir: runs/demo}
 
 Only ``data.train`` is required; the defaults are chosen to learn a small task in one run.
 
+Many adapters in one run: an optional seventh section, ``adapters:``, names each adapter with its
+own ``data`` (``train`` required), ``lora`` and ``evaluation`` overrides of the top-level sections
+(see :mod:`lorakit.train.multi_config` and :mod:`lorakit.train.multi`).
+
 Everything is checked here, before any weight is loaded: an unknown section or key is an error
 listing the valid ones, a value of the wrong type or out of range names its dotted key, and every
 problem is gathered and raised once as a :class:`~lorakit.ConfigError`. The config is frozen and
@@ -75,6 +79,7 @@ class TrainingSection:
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_ratio: float = 0.0
     max_grad_norm: float | None = 1.0
+    optimizer: Literal["adamw", "sgd"] = "adamw"  # sgd: plain SGD (no momentum)
     gradient_checkpointing: bool = False
     seed: int = 0
     threads: int | None = None
@@ -115,6 +120,24 @@ class OutputSection:
 
 
 @dataclass(frozen=True)
+class AdapterSection:
+    """One adapter of a many-adapter run: its name and its ``data``, ``lora`` and ``evaluation``
+    sections, each the top-level section with this adapter's overrides applied (resolved)."""
+
+    name: str
+    data: DataSection
+    lora: LoraConfig
+    evaluation: EvaluationSection
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {
+            "data": dataclasses.asdict(self.data),
+            "lora": self.lora.to_dict(),
+            "evaluation": dataclasses.asdict(self.evaluation),
+        }
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -122,13 +145,23 @@ class TrainConfig:
     training: TrainingSection = field(default_factory=TrainingSection)
     evaluation: EvaluationSection = field(default_factory=EvaluationSection)
     output: OutputSection = field(default_factory=OutputSection)
+    #: many adapters in one run (empty: one adapter, ``data`` and ``lora`` above)
+    adapters: tuple[AdapterSection, ...] = ()
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        out = {}
-        for f in dataclasses.fields(self):
-            section = getattr(self, f.name)
-            out[f.name] = section.to_dict() if f.name == "lora" else dataclasses.asdict(section)
+        out: dict[str, dict[str, Any]] = {}
+        for name in SECTION_NAMES:
+            section = getattr(self, name)
+            out[name] = section.to_dict() if name == "lora" else dataclasses.asdict(section)
+        if self.adapters:  # resolved: every key of each adapter's sections
+            out["adapters"] = {a.name: a.to_dict() for a in self.adapters}
         return out
+
+    def alone(self, adapter: AdapterSection) -> TrainConfig:
+        """The one-adapter config that trains ``adapter`` by itself with the same settings."""
+        return dataclasses.replace(
+            self, data=adapter.data, lora=adapter.lora, evaluation=adapter.evaluation, adapters=()
+        )
 
     def to_yaml(self) -> str:
         import yaml
@@ -136,6 +169,7 @@ class TrainConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
 
 
+SECTION_NAMES = ("model", "data", "lora", "training", "evaluation", "output")
 SECTIONS = {
     "model": ModelSection,
     "data": DataSection,
@@ -161,7 +195,7 @@ def valid_keys() -> dict[str, list[str]]:
     """Every section and its keys, in order."""
     keys = {name: [f.name for f in dataclasses.fields(cls)] for name, cls in SECTIONS.items()}
     keys["lora"] = [f.name for f in dataclasses.fields(LoraConfig)]
-    return {name: keys[name] for name in TrainConfig.__dataclass_fields__}
+    return {name: keys[name] for name in SECTION_NAMES}
 
 
 # ``auto`` values, chosen from a sweep on small tasks (BENCHMARKS.md, "Defaults that learn").
@@ -211,17 +245,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
+        text = _read_utf8(path)
         try:
-            raw = yaml.safe_load(_read_utf8(path)) or {}
+            raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
-        data = raw.get("data")
-        if isinstance(data, dict):  # data files written in the file are relative to the file
-            for key in DATA_PATHS:
-                if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
-                    data[key] = str(path.parent / data[key])
+        from .multi_config import adapter_data, repeated_adapters
+
+        repeated = repeated_adapters(text)  # YAML itself keeps the last of repeated keys
+        if repeated:
+            raise ConfigError(f"{path}: adapters named twice: {', '.join(repeated)}")
+        for data in [raw.get("data"), *adapter_data(raw)]:
+            if isinstance(data, dict):  # data files written in the file are relative to the file
+                for key in DATA_PATHS:
+                    if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
+                        data[key] = str(path.parent / data[key])
     problems: list[str] = []
     for item in overrides:
         key, eq, text = item.partition("=")
@@ -234,6 +274,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
         except yaml.YAMLError:
             value = text
         target = raw.setdefault(section, {})
+        if section == "adapters":  # adapters.NAME.section.key=value
+            *inner, name = name.split(".")
+            for part in inner:
+                target = target.setdefault(part, {}) if isinstance(target, dict) else None
         if isinstance(target, dict):
             target[name] = value
     gather(problems, ConfigError, "bad command-line override")
@@ -259,8 +303,10 @@ def build(raw: dict[str, Any], source: str = "config") -> TrainConfig:
     problems: list[str] = []
     keys = valid_keys()
     for section in raw:
-        if section not in keys:
-            problems.append(f"unknown section {section!r}; valid sections: {', '.join(keys)}")
+        if section not in keys and section != "adapters":
+            problems.append(
+                f"unknown section {section!r}; valid sections: {', '.join(keys)}, adapters"
+            )
     built: dict[str, Any] = {}
     for name, cls in SECTIONS.items():
         values = raw.get(name) or {}
@@ -281,31 +327,38 @@ def build(raw: dict[str, Any], source: str = "config") -> TrainConfig:
                 built["lora"] = LoraConfig(**fixed)
         except ConfigError as e:
             problems.append(f"lora: {e}")
+    if raw.get("adapters") is not None:
+        from .multi_config import build_adapters
+
+        built["adapters"] = build_adapters(raw, built, problems)
     if not problems:
         _cross_checks(built, problems)
     gather(problems, ConfigError, f"{source}: invalid training config")
     return TrainConfig(**built)
 
 
-def _section(name: str, cls: type, values: dict[str, Any], problems: list[str]) -> Any:
+def _section(
+    name: str, cls: type, values: dict[str, Any], problems: list[str], prefix: str = ""
+) -> Any:
+    """Section ``name`` built from ``values``; problems are named ``{prefix}{name}.{key}``."""
     hints = typing.get_type_hints(cls)
     fields = [f.name for f in dataclasses.fields(cls)]
     kept = {}
     for key, value in values.items():
         where = f"{name}.{key}"
         if key not in hints:
-            problems.append(f"unknown key {where}; valid keys: {', '.join(fields)}")
+            problems.append(f"unknown key {prefix}{where}; valid keys: {', '.join(fields)}")
             continue
         ok, value = _coerce(value, hints[key])
         if not ok:
-            problems.append(f"{where}={value!r}: expected {_describe(hints[key])}")
+            problems.append(f"{prefix}{where}={value!r}: expected {_describe(hints[key])}")
             continue
         if value is not None and not isinstance(value, (bool, str)):
             if where in POSITIVE and not value > 0:
-                problems.append(f"{where}={value!r}: must be greater than 0")
+                problems.append(f"{prefix}{where}={value!r}: must be greater than 0")
                 continue
             if where in NON_NEGATIVE and not value >= 0:
-                problems.append(f"{where}={value!r}: must not be negative")
+                problems.append(f"{prefix}{where}={value!r}: must not be negative")
                 continue
         kept[key] = value
     return cls(**kept)
@@ -363,12 +416,14 @@ def _describe(hint: Any) -> str:
 
 def _cross_checks(built: dict[str, Any], problems: list[str]) -> None:
     data, training, evaluation = built["data"], built["training"], built["evaluation"]
-    if data.train is None:
+    if built.get("adapters"):
+        from .multi_config import check_many
+
+        check_many(built, problems)  # each adapter's data and evaluation, checked there
+        data = evaluation = None
+    elif data.train is None:
         problems.append("data.train: the training JSONL file is required")
-    for key in DATA_PATHS:
-        value = getattr(data, key)
-        if value is not None and not Path(value).is_file():
-            problems.append(f"data.{key}={value!r}: no such file")
+    _check_files(data, problems)
     device = built["model"].device
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
         problems.append(f"model.device={device!r}: expected cpu, cuda, cuda:N, mps or auto")
@@ -382,6 +437,8 @@ def _cross_checks(built: dict[str, Any], problems: list[str]) -> None:
         )
     if training.min_lr_ratio > 1:
         problems.append(f"training.min_lr_ratio={training.min_lr_ratio}: must be at most 1")
+    if data is None:
+        return
     if evaluation.every and data.eval is None:
         problems.append("evaluation.every is set but there is no data.eval file to evaluate on")
     if training.early_stopping and not (evaluation.every and data.eval is not None):
@@ -389,3 +446,11 @@ def _cross_checks(built: dict[str, Any], problems: list[str]) -> None:
             "training.early_stopping counts held-out evaluations: it needs data.eval and "
             "evaluation.every > 0"
         )
+
+
+def _check_files(data: DataSection | None, problems: list[str], prefix: str = "") -> None:
+    """Every data file named in ``data`` exists."""
+    for key in DATA_PATHS if data is not None else ():
+        value = getattr(data, key)
+        if value is not None and not Path(value).is_file():
+            problems.append(f"{prefix}data.{key}={value!r}: no such file")

@@ -183,6 +183,10 @@ def collate(rows: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 class Batches:
     """An endless stream of training batches: every epoch a fresh permutation of the rows, drawn
     from ``seed`` and the epoch number alone, so a position ``(epoch, offset)`` says exactly which

@@ -15,20 +15,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from . import checkpoint, distributed, schedule
 from .best import BestKeeper
 from .config import TrainConfig
-from .data import Batches, collate
+from .data import Batches, collate, to_device
 from .evaluate import evaluate, heldout_loss
 from .metrics import JsonlLogger, MetricLogger
+from .multi import ManyResult, train_adapters
 from .progress import Console, Silent
 from .report import peak_memory_mb, write_results
 from .result import TrainResult, eval_dict, eval_values
 from .resume import resume
-from .setup import save_trained, setup
+from .setup import build_optimizer, save_trained, setup, spread
 from .step import train_step
 
 
@@ -39,15 +39,18 @@ def train(
     tokenizer: Any = None,
     loggers: list[MetricLogger] | None = None,
     console: Console | None = None,
-) -> TrainResult:
+) -> TrainResult | ManyResult:
     """Fine-tune as ``config`` says; returns the figures of the run. ``model``/``tokenizer``: use
     these instead of loading ``config.model.source`` (the model is changed in place).
 
     Under torchrun each process runs this with the same config (see ``distributed.py``): rank 0
-    reports and writes, every rank computes; the result is rank 0's on every rank."""
+    reports and writes, every rank computes; the result is rank 0's on every rank. A config with
+    ``adapters:`` trains them all in one run (:mod:`lorakit.train.multi`) and returns a
+    :class:`~lorakit.train.multi.ManyResult`."""
     world = distributed.start(config.training, config.model.device)
+    body = train_adapters if config.adapters else _train
     try:
-        result = _train(config, world, model, tokenizer, loggers, console)
+        result = body(config, world, model, tokenizer, loggers, console)
     except BaseException:
         world.close(clean=False)
         raise
@@ -66,25 +69,13 @@ def _train(config, world, model, tokenizer, loggers, console) -> TrainResult:
     cfg, tc, ec = run.cfg, run.cfg.training, run.cfg.evaluation
     model, tokenizer, eval_rows, steps = run.model, run.tokenizer, run.eval_rows, run.steps
     out = Path(cfg.output.dir)
-    if world.size > 1:
-        say(
-            f"{world.size} processes ({world.mode}, {world.backend}); "
-            "training.batch_size is the global batch"
-        )
     # what the steps call (DDP's wrapper, or the model sharded in place by FSDP), and the model
     # everything else reads and writes (names and parameters as one process has them)
-    net = world.wrap(model)
-    model = world.inner(net)
-    if world.sharded:
-        mine, whole = world.held(model)
-        say(
-            f"fsdp: rank 0 holds {mine / 2**20:.2f} MiB of the model's {whole / 2**20:.2f} MiB "
-            f"({mine / whole:.0%}) between steps"
-        )
+    net, model = spread(model, world, say, "training.batch_size is the global batch")
 
     # 4. Optimizer, schedule, data order; or all of them as a checkpoint left them.
     params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = build_optimizer(params, tc)
     scheduler = schedule.build(optimizer, steps, tc.warmup_steps, tc.schedule, tc.min_lr_ratio)
     batches = Batches(run.train_rows, tc.batch_size, tc.seed)
     start, before = 0, None
@@ -129,7 +120,7 @@ def _train(config, world, model, tokenizer, loggers, console) -> TrainResult:
     t_train = time.perf_counter()
     for step in range(start + 1, (start if result.stopped_early else steps) + 1):
         micro = [
-            _to(collate(world.share(batches.next()), run.pad), run.device)
+            to_device(collate(world.share(batches.next()), run.pad), run.device)
             for _ in range(tc.grad_accum)
         ]
         values = train_step(net, micro, params, optimizer, scheduler, tc.max_grad_norm, step, world)
@@ -196,7 +187,3 @@ def _train(config, world, model, tokenizer, loggers, console) -> TrainResult:
     if world.main:
         write_results(result, cfg, run.model_name, rows, t_begin, say)
     return result
-
-
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}

@@ -28,6 +28,26 @@ _KEEPS_LOGITS: dict[type, bool] = {}  # model class -> forward honours a boolean
 
 def token_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """(sum of the cross entropy over trained tokens, number of trained tokens) of one batch."""
+    logits, targets, _ = _target_logits(model, batch)
+    loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+    return loss, int(targets.numel())
+
+
+def group_losses(
+    model: nn.Module, batch: dict[str, torch.Tensor], group_of_row: torch.Tensor, groups: int
+) -> torch.Tensor:
+    """(groups,) the cross entropy summed over each group's trained tokens: row ``i`` of the
+    batch belongs to group ``group_of_row[i]`` (a many-adapter step: the groups are adapters,
+    each normalised by its own token count afterwards)."""
+    logits, targets, mask = _target_logits(model, batch)
+    per_token = F.cross_entropy(logits.float(), targets, reduction="none")  # (n,)
+    rows = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]  # (n,)
+    group = group_of_row.to(per_token.device)[rows]
+    return per_token.new_zeros(groups).index_add(0, group, per_token)
+
+
+def _target_logits(model: nn.Module, batch: dict[str, torch.Tensor]):
+    """(logits (n, vocab), targets (n,), mask (batch, seq - 1)) at the ``n`` trained tokens."""
     labels = batch["labels"]
     targets_mask = labels[:, 1:] != IGNORE  # (batch, seq - 1)
     n = int(targets_mask.sum())
@@ -47,5 +67,4 @@ def token_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.
             _KEEPS_LOGITS[cls], logits = False, None
     if logits is None:
         logits = model(**inputs, use_cache=False).logits[:, :-1][targets_mask]  # (n, vocab)
-    loss = F.cross_entropy(logits.float(), targets, reduction="sum")
-    return loss, n
+    return logits, targets, targets_mask

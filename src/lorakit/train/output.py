@@ -1,7 +1,8 @@
 """The output directory: what a run writes there, and how lorakit knows a directory is its run.
 
 A run writes to ``output.dir``: ``adapter/`` (``model/`` for method full), ``checkpoint-NNNNNN/``,
-``metrics.jsonl``, ``loss.png``, ``report.md``, ``summary.json``, and first of all the marker
+``metrics.jsonl``, ``loss.png``, ``report.md``, ``summary.json`` (a many-adapter run:
+``adapters/NAME/`` holding each adapter's own, and ``summary.md``), and first of all the marker
 ``.lorakit-run`` (a line of JSON naming lorakit and its version). A directory is a lorakit run
 when it holds that marker, or, for runs written before the marker existed, checkpoint
 directories or a ``metrics.jsonl`` whose first line is a lorakit record.
@@ -28,7 +29,10 @@ from ..errors import LorakitError
 from . import checkpoint
 
 MARKER = ".lorakit-run"
-OUTPUTS = ("adapter", "model", "metrics.jsonl", "loss.png", "report.md", "summary.json")
+OUTPUTS = (
+    "adapter", "model", "metrics.jsonl", "loss.png", "report.md", "summary.json",
+    "adapters", "summary.md",  # a many-adapter run's (lorakit.train.multi)
+)  # fmt: skip
 
 
 class TrainingError(LorakitError, RuntimeError):
@@ -69,7 +73,7 @@ def prepare(out: Path, resume: bool, overwrite: bool) -> None:
                 "(or move those files away)"
             )
     checkpoint.remove_partial(out)
-    earlier = found or (out / "metrics.jsonl").exists()
+    earlier = found or (out / "metrics.jsonl").exists() or (out / "adapters").is_dir()
     if earlier and not resume:
         if not overwrite:
             raise TrainingError(

@@ -40,14 +40,15 @@ def resume(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
-    batches: Batches,
+    batches: Batches | Any,
     say: Callable[[str], None],
-    keeper: BestKeeper | None = None,
+    keeper: BestKeeper | Any | None = None,
 ) -> tuple[Saved, EvalResult | None] | None:
     """Restore the newest intact checkpoint of ``out`` into the model, the optimizer, the schedule,
     the data order and the random generators; (the checkpoint, the evaluation before training),
     or None when there is no checkpoint. Checkpoints are all checked before anything changes;
-    ``keeper`` takes the best step the checkpoint recorded."""
+    ``keeper`` takes the best step the checkpoint recorded. A many-adapter run passes its
+    streams and keepers (``multi.Streams``, ``multi.Keepers``: the same methods)."""
     found = checkpoint.checkpoints(out)
     damaged: list[str] = []
     for path in reversed(found):
@@ -89,12 +90,24 @@ def resume(
 def check_same_run(saved: Any, cfg: TrainConfig, where: Path) -> None:
     """Refuse a checkpoint written with a config that differs in more than :data:`RESUMABLE`."""
     now = cfg.to_dict()
+    saved = saved if isinstance(saved, dict) else {}
     changed = []
-    for section, values in now.items():
-        old = saved.get(section) if isinstance(saved, dict) else None
+    # a many-adapter run: each adapter's sections as "adapters.NAME.section" (and the same
+    # adapters, in the same order: they share one optimizer's parameter list)
+    pairs = [(s, values, saved.get(s)) for s, values in now.items() if s != "adapters"]
+    if now.get("adapters") or saved.get("adapters"):
+        mine, old = now.get("adapters") or {}, saved.get("adapters")
         old = old if isinstance(old, dict) else {}
+        if list(mine) != list(old):
+            changed.append(f"adapters: {list(old)} -> {list(mine)}")
+        for name in set(mine) & set(old):
+            for s, values in mine[name].items():
+                pairs.append((f"adapters.{name}.{s}", values, (old[name] or {}).get(s)))
+    for section, values, old in pairs:
+        old = old if isinstance(old, dict) else {}
+        kind = section.rsplit(".", 1)[-1]  # RESUMABLE names the section: evaluation.max_rows
         for key, value in values.items():
-            if f"{section}.{key}" not in RESUMABLE and old.get(key, value) != value:
+            if f"{kind}.{key}" not in RESUMABLE and old.get(key, value) != value:
                 changed.append(f"{section}.{key}: {old.get(key)!r} -> {value!r}")
     if changed:
         raise TrainingError(

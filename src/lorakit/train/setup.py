@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,16 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..generate import Encoded, Formatter
+from ..generate import Encoded, Example, Formatter
 from ..model import apply_lora, count_parameters
-from .config import TrainConfig, resolve_auto
+from .config import (
+    AdapterSection,
+    DataSection,
+    EvaluationSection,
+    TrainConfig,
+    TrainingSection,
+    resolve_auto,
+)
 from .data import encode_all, pack, read_jsonl
 from .distributed import World, full
 from .metrics import read_metrics
@@ -60,23 +68,78 @@ def setup(
     loading ``config.model.source`` (the model is changed in place). The returned ``cfg`` has its
     ``auto`` values (``training.lr``, ``training.epochs``) computed. ``world``: in a distributed
     run, every rank checks and loads; a failure on any rank stops every rank."""
-    cfg, tc, ec = config, config.training, config.evaluation
+    cfg, tc = config, config.training
     out = Path(cfg.output.dir)
     world = world or World()
 
     # 1. Packages, data and the output directory, checked before any weight is loaded.
-    with world.together():
-        check_requirements(cfg, load_model=model is None)
-        train_examples = read_jsonl(cfg.data.train)
-        eval_examples = read_jsonl(cfg.data.eval) if cfg.data.eval else []
-        eval_examples = eval_examples[: ec.max_rows] if ec.max_rows else eval_examples
-        if world.main:  # the output directory is rank 0's
-            prepare(out, tc.resume, cfg.output.overwrite)
-    if tc.resume:
-        with world.together():  # a damaged line is an error now, not after loading
-            read_metrics(out / "metrics.jsonl")
+    ((train_examples, eval_examples),) = check_and_read(
+        cfg, [(cfg.data, cfg.evaluation)], [out / "metrics.jsonl"], world, model is None
+    )
 
     # 2. The model, then the method: LoRA adapters, a 4-bit base with adapters, or every weight.
+    model, tokenizer, model_name, device = load_and_adapt(cfg, model, tokenizer, say, world)
+    trainable, total = count_parameters(model)
+    say(f"{tc.method}: trainable {trainable:,} / {total:,} ({100 * trainable / total:.2f}%)")
+
+    # 3. Tokens and loss masks.
+    rows = encode_rows(train_examples, eval_examples, tokenizer, cfg.data, say)
+    pad = pad_id(tokenizer)
+    cfg, steps = resolve_steps(cfg, total - trainable if tc.method != "full" else total, rows, say)
+    return Setup(
+        cfg, model, tokenizer, model_name, device, rows.train, rows.eval,
+        rows.examples, rows.truncated, pad, steps, trainable, total,
+    )  # fmt: skip
+
+
+@dataclass
+class Rows:
+    """One adapter's data, encoded: training rows (packed, if asked), held-out rows, and how many
+    training rows were read and truncated."""
+
+    train: list[Encoded]
+    eval: list[Encoded]
+    examples: int
+    truncated: int
+
+
+def check_and_read(
+    cfg: TrainConfig,
+    sources: list[tuple[DataSection, EvaluationSection]],
+    metrics: list[Path],
+    world: World,
+    load_model: bool,
+) -> list[tuple[list[Example], list[Example]]]:
+    """Step 1: the packages, every source's training and held-out examples (the first
+    ``evaluation.max_rows`` of these), the output directory and, when resuming, the metrics
+    files: all checked on every rank before any weight loads."""
+    with world.together():
+        check_requirements(cfg, load_model=load_model)
+        read = []
+        for data, ec in sources:
+            evals = read_jsonl(data.eval) if data.eval else []
+            read.append((read_jsonl(data.train), evals[: ec.max_rows] if ec.max_rows else evals))
+        if world.main:  # the output directory is rank 0's
+            prepare(Path(cfg.output.dir), cfg.training.resume, cfg.output.overwrite)
+    if cfg.training.resume:
+        with world.together():  # a damaged line is an error now, not after loading
+            for path in metrics:
+                read_metrics(path)
+    return read
+
+
+def load_and_adapt(
+    cfg: TrainConfig,
+    model: nn.Module | None,
+    tokenizer: Any,
+    say: Any,
+    world: World,
+    adapters: Sequence[AdapterSection] = (),
+) -> tuple[nn.Module, Any, str, torch.device]:
+    """Step 2: (model, tokenizer, the model's name in the report, device): the base loaded (or
+    ``model``), the method applied (``adapters``: each of them, see :func:`prepare_model`) and
+    the model moved to its device."""
+    tc = cfg.training
     if tc.threads:
         torch.set_num_threads(tc.threads)
     model_name = cfg.model.source or "SmolLM2-135M-Instruct (embedded)"
@@ -94,46 +157,81 @@ def setup(
             )
         random.seed(tc.seed)
         torch.manual_seed(tc.seed)  # LoRA's A matrices start random: the seed fixes them
-        model = prepare_model(model, cfg)
+        model = prepare_model(model, cfg, adapters)
         device = device_of(cfg.model.device, world)
         model.to(device)
-    trainable, total = count_parameters(model)
-    say(f"{tc.method}: trainable {trainable:,} / {total:,} ({100 * trainable / total:.2f}%)")
+    return model, tokenizer, model_name, device
 
-    # 3. Tokens and loss masks.
-    fmt = Formatter(tokenizer, cfg.data.max_length, cfg.data.chat_template, cfg.data.system_prompt)
+
+def encode_rows(
+    train_examples: list[Example],
+    eval_examples: list[Example],
+    tokenizer: Any,
+    data: DataSection,
+    say: Any,
+    who: str = "",
+) -> Rows:
+    """Step 3: tokens and loss masks, packed if ``data.packing``; truncation is said (``who``:
+    whose rows, in a many-adapter run)."""
+    fmt = Formatter(tokenizer, data.max_length, data.chat_template, data.system_prompt)
     train_rows, truncated = encode_all(train_examples, fmt)
     eval_rows, _ = encode_all(eval_examples, fmt) if eval_examples else ([], 0)
-    if cfg.data.packing:
-        train_rows = pack(train_rows, cfg.data.max_length)
+    if data.packing:
+        train_rows = pack(train_rows, data.max_length)
     if truncated:
         say(
-            f"{truncated} of {len(train_examples)} training rows truncated to "
-            f"data.max_length={cfg.data.max_length} tokens"
+            f"{truncated} of {len(train_examples)} {who}training rows truncated to "
+            f"data.max_length={data.max_length} tokens"
         )
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return Rows(train_rows, eval_rows, len(train_examples), truncated)
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The padding token id (the end-of-sequence token when the tokenizer has no pad token)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def resolve_steps(
+    cfg: TrainConfig, base_params: int, rows: Rows, say: Any
+) -> tuple[TrainConfig, int]:
+    """(the config with its ``auto`` values computed, optimizer steps in all): ``training.steps``,
+    or ``epochs`` passes over ``rows``' training rows (in a many-adapter run, the largest
+    adapter's)."""
+    tc = cfg.training
     rows_per_step = tc.batch_size * tc.grad_accum
     # lr and epochs "auto": computed for this base's size and these rows (config.resolve_auto)
-    cfg = resolve_auto(cfg, total - trainable if tc.method != "full" else total, len(train_rows))
+    cfg = resolve_auto(cfg, base_params, len(rows.train))
     for key in ("lr", "epochs"):
         if getattr(tc, key) == "auto" and (key == "lr" or not tc.steps):
             say(f"training.{key}: auto = {getattr(cfg.training, key):.3g}")
     tc = cfg.training
-    steps = tc.steps or max(1, math.ceil(tc.epochs * len(train_rows) / rows_per_step))
-    return Setup(
-        cfg, model, tokenizer, model_name, device, train_rows, eval_rows,
-        len(train_examples), truncated, pad, steps, trainable, total,
-    )  # fmt: skip
+    return cfg, tc.steps or max(1, math.ceil(tc.epochs * len(rows.train) / rows_per_step))
 
 
-def prepare_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
-    """Make the parameters the method trains the only ones that need gradients."""
+def build_optimizer(params: list[nn.Parameter], tc: TrainingSection) -> torch.optim.Optimizer:
+    """``training.optimizer``: AdamW (the default), or plain SGD (no momentum). Both keep their
+    state per parameter, so adapters trained side by side step as each would alone."""
+    if tc.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    return torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+
+
+def prepare_model(
+    model: nn.Module, cfg: TrainConfig, adapters: Sequence[AdapterSection] = ()
+) -> nn.Module:
+    """Make the parameters the method trains the only ones that need gradients. ``adapters``:
+    a many-adapter run's, each applied under its own name with the random generator seeded
+    afresh, so that its A matrices are the ones its own run alone starts from."""
     method = cfg.training.method
     if method == "qlora":
         from ..quant import quantize
 
         model = quantize(model, "nf4", double_quant=True)
-    if method in ("lora", "qlora"):
+    if adapters:
+        for adapter in adapters:
+            torch.manual_seed(cfg.training.seed)
+            model = apply_lora(model, adapter.lora, adapter.name)
+    elif method in ("lora", "qlora"):
         model = apply_lora(model, cfg.lora)
     else:
         for p in model.parameters():
@@ -148,18 +246,26 @@ def prepare_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
 
 
 def save_trained(
-    model: nn.Module, tokenizer: Any, out: Path, method: str, world: World | None = None
+    model: nn.Module,
+    tokenizer: Any,
+    out: Path,
+    method: str,
+    world: World | None = None,
+    adapter_name: str = "default",
+    fingerprint: dict | None = None,
 ) -> Path:
     """The adapter in PEFT's layout (``out/adapter``), or the whole model for method ``full``.
     In a distributed run rank 0 writes; with FSDP every rank takes part in gathering the
-    adapter's shards (and the fingerprint is the one taken before sharding)."""
+    adapter's shards (and the fingerprint is the one taken before sharding: ``fingerprint``,
+    or the world's)."""
     world = world or World()
     target = out / ("model" if method == "full" else "adapter")
     contents = None
     if world.sharded:
         from ..io.adapter import adapter_contents
 
-        contents = adapter_contents(model, fingerprint=world.fingerprint, gather=full)
+        fingerprint = fingerprint or world.fingerprint
+        contents = adapter_contents(model, adapter_name, fingerprint=fingerprint, gather=full)
     with world.together():  # rank 0 writes; a failure there stops every rank
         if not world.main:
             pass
@@ -174,8 +280,25 @@ def save_trained(
         else:
             from ..io import save_adapter
 
-            save_adapter(model, target, overwrite=True)
+            save_adapter(model, target, adapter_name, overwrite=True)
     return target
+
+
+def spread(model: nn.Module, world: World, say: Any, batch: str) -> tuple[nn.Module, nn.Module]:
+    """(what the steps call: DDP's wrapper, or the model sharded in place by FSDP; the model
+    everything else reads and writes, with names and parameters as one process has them).
+    Says how many processes share the work (``batch``: what ``training.batch_size`` means)."""
+    if world.size > 1:
+        say(f"{world.size} processes ({world.mode}, {world.backend}); {batch}")
+    net = world.wrap(model)
+    model = world.inner(net)
+    if world.sharded:
+        mine, whole = world.held(model)
+        say(
+            f"fsdp: rank 0 holds {mine / 2**20:.2f} MiB of the model's {whole / 2**20:.2f} MiB "
+            f"({mine / whole:.0%}) between steps"
+        )
+    return net, model
 
 
 def device_of(name: str, world: World | None = None) -> torch.device:
