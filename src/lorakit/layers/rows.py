@@ -70,6 +70,10 @@ class RowPlan:
                 rows.setdefault(n, []).append(i)
         self.groups = tuple((n, torch.tensor(ix)) for n, ix in rows.items())
         self.any_adapter = bool(rows)
+        #: the row count of each group when the groups are consecutive blocks covering every
+        #: row in order (a many-adapter training batch): then a layer splits the batch into
+        #: views and joins the results, with no gathered copies (their backward is one cat)
+        self.blocks = _blocks(self.names, rows)
         self._on: dict[torch.device, tuple] = {}
         self.picks: dict[int, tuple] = {}  # id(layer) -> (stack A, A per row, B per row)
 
@@ -87,6 +91,16 @@ class RowPlan:
                 moved = self.slots.to(device), groups
             self._on[device] = moved
         return moved
+
+
+def _blocks(names: tuple, rows: dict[str, list[int]]) -> tuple[int, ...] | None:
+    sizes, start = [], 0
+    for ix in rows.values():
+        if ix != list(range(start, start + len(ix))):
+            return None
+        sizes.append(len(ix))
+        start += len(ix)
+    return tuple(sizes) if start == len(names) else None
 
 
 _local = threading.local()  # .plans: {id(SlotTable): RowPlan}, the plans in force in this thread
@@ -157,6 +171,8 @@ class MixedRows:
 
     def add_rows(self, x, out, plan: RowPlan, slots, groups) -> torch.Tensor:
         """``out`` plus each row's update; x and out have one entry per row on their first axis."""
+        if self.linear_like and plan.blocks is not None:
+            return self._block_rows(x, out, groups, plan.blocks)
         if self.linear_like and len(groups) <= self.GROUPED_MAX_ADAPTERS:
             return self._grouped_rows(x, out, groups)
         records = self.records
@@ -183,6 +199,24 @@ class MixedRows:
         picks = a[slots], b[slots]
         plan.picks[id(self)] = (a, *picks) if seen else (a, None, None)
         return self.rows_forward(x, out, *picks, slots)
+
+    def _block_rows(self, x: torch.Tensor, out: torch.Tensor, groups, sizes) -> torch.Tensor:
+        """Each adapter's rows a consecutive block: split into views, updated, joined."""
+        records = self.records
+        if not any(name in records for name, _ in groups):
+            return out
+        parts = []
+        for (name, _), xs, part in zip(groups, x.split(sizes), out.split(sizes)):
+            if name in records:
+                record = records[name]
+                if record.dropout > 0.0 and self.training:
+                    xs = F.dropout(xs, record.dropout, True)
+                a = self._A[name]
+                delta = F.linear(F.linear(xs.to(a.dtype), a), self.effective_B(name))
+                # mixed precision: the sum formed in the adapter's dtype and rounded once
+                part = (part.to(delta.dtype) + delta * record.scale).to(part.dtype)
+            parts.append(part)
+        return torch.cat(parts)
 
     def _grouped_rows(self, x: torch.Tensor, out: torch.Tensor, groups) -> torch.Tensor:
         """Few adapters: each adapter's rows gathered, updated by plain matmuls."""
