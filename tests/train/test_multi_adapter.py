@@ -188,6 +188,20 @@ def test_two_processes_equal_the_one_process_run(files, many, mode):
     lorakit.load_adapter(model, files / f"many-{mode}" / "adapters" / "initech" / "adapter")
 
 
+def test_a_checkpoint_of_two_processes_resumes_in_one(files, many):
+    """FSDP2 on 2 processes, stopped after step 2 (its later checkpoint and adapters removed),
+    resumed in one process: every adapter equals the one-process run never interrupted."""
+    cfg = many_config(files, "moved", distributed="fsdp", checkpoint_every=2)
+    cli(2, cfg)
+    shutil.rmtree(files / "moved" / "checkpoint-000004")
+    for name in NAMES:
+        shutil.rmtree(files / "moved" / "adapters" / name / "adapter")
+    done = cli(1, cfg, "training.resume=true")
+    assert "resumed from checkpoint-000002 at step 2 of 4" in done.stdout
+    for name in NAMES:
+        assert_same(files / "moved" / "adapters" / name, many[0] / "adapters" / name)
+
+
 # -- in code: AdamW, clipping that bites, keep-best; resume --------------------------------------
 
 

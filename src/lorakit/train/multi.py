@@ -1,5 +1,11 @@
 """Many adapters in one run: one base, each adapter trained only from its own rows.
 
+``train`` (``loop.py``) hands a config with ``adapters:`` to :func:`train_adapters`; the run goes
+through the same steps as the one-adapter loop, from the same pieces (``setup.py``,
+``step.adapters_step``, ``checkpoint.py``, ``resume.py``, ``report.py``). Loggers given in code
+hear each adapter's records with an ``"adapter"`` entry; the console's step lines show the mean
+of the adapters' losses.
+
 A config with an ``adapters:`` section (see :mod:`lorakit.train.multi_config`) is a run of its
 own, started like any other::
 
@@ -234,8 +240,6 @@ def train_adapters(config: TrainConfig, world, model, tokenizer, loggers, consol
             run.logger.log(kind, step, values)
         for logger in loggers:  # the user's loggers hear every adapter, named
             logger.log(kind, step, {"adapter": run.name, **values})
-        if kind == "eval":
-            console.message(f"{run.name}: eval at step {step}: held-out loss {values['loss']:.4f}")
 
     def evaluations(when: str) -> None:
         for run in runs:
@@ -263,6 +267,7 @@ def train_adapters(config: TrainConfig, world, model, tokenizer, loggers, consol
         return heldout_loss(model, run.rows.eval, ec.batch_size, pad)
 
     evaluations("before")
+    say("step lines show the mean of the adapters' losses; each one's: adapters/NAME/metrics.jsonl")
 
     # 5. The steps: one micro-batch per adapter, concatenated, in one forward.
     model.train()
@@ -292,6 +297,7 @@ def train_adapters(config: TrainConfig, world, model, tokenizer, loggers, consol
             if run.keeper is not None and step % every == 0 and step < steps:
                 loss = held_out(run, step)
                 log(run, "eval", step, {"loss": loss})
+                console.message(f"{run.name}: eval at step {step}: held-out loss {loss:.4f}")
                 run.keeper.update(step, loss, model)
         if tc.checkpoint_every and (step % tc.checkpoint_every == 0 or step == steps):
             befores = {run.name: eval_dict(run.result.before) for run in runs}
