@@ -335,7 +335,8 @@ def test_config_problems_are_named_by_adapter_section_and_key(tmp_path):
         assert expected in said, said
     # the checks that need a well-formed config come once it is
     (tmp_path / "run.yaml").write_text(
-        "data: {train: t.jsonl}\ntraining: {early_stopping: 2}\nlora: {bias: all}\n"
+        "data: {train: t.jsonl}\ntraining: {early_stopping: 2}\n"
+        "lora: {bias: all, modules_to_save: [lm_head]}\n"
         "adapters:\n  acme: {data: {train: nope.jsonl}}\n  b: {data: {eval: t.jsonl},"
         " evaluation: {every: 2}}\n  c: {data: {train: t.jsonl}, evaluation: {every: 2}}\n"
     )
@@ -350,6 +351,7 @@ def test_config_problems_are_named_by_adapter_section_and_key(tmp_path):
         "adapters.b.data.train: the adapter's training JSONL file is required",
         "adapters.c.evaluation.every is set but the adapter has no data.eval",
         "adapters.acme.lora.bias='all': a bias is shared by every adapter",
+        "adapters.c.lora.modules_to_save: not supported with adapters",
     ]:
         assert expected in said, said
     (tmp_path / "twice.yaml").write_text(
