@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 SAMPLES = 4  # held-out answers printed at the end (report.md has evaluation.samples of them)
 
@@ -62,8 +63,25 @@ def run(args: argparse.Namespace) -> int:
         print(config.to_yaml(), end="")
         return 0
     result = train(config)
-    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 alone reports
-        return 0
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # a torchrun worker
+        if os.environ.get("RANK", "0") == "0":  # rank 0 alone reports
+            report(config, result)
+        leave(0)
+    return report(config, result)
+
+
+def leave(code: int) -> None:
+    """End a torchrun worker whose run has finished (every file written and synced, the process
+    group left) without the interpreter's teardown: torch's distributed threads have been seen
+    to abort a worker there ("terminate called without an active exception"), which would turn
+    a finished run into a failure."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def report(config, result) -> int:
+    """Print what the run learned (rank 0, or one process)."""
     print()
     if config.adapters:  # many adapters in one run: their table
         summary = result.out_dir / "summary.md"
