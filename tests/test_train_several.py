@@ -50,8 +50,8 @@ def test_training_together_equals_training_each_alone(monkeypatch, grouped_max):
         together = list(lorakit.adapter_parameters(model, name))
         separate = list(lorakit.adapter_parameters(alone, name))
         assert len(together) == len(separate) > 0
-        for p, q in zip(together, separate):
-            torch.testing.assert_close(p, q)
+        for p, q in zip(together, separate):  # other shapes, other sums: float32 rounding
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=5e-5)
     # the base did not move
     for key, value in alone.state_dict().items():
         if ".lora_" not in key:

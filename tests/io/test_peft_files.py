@@ -96,7 +96,8 @@ def test_peft_loads_what_lorakit_saved(case, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PEFT's own notes (no peft_version, ...) are not ours
         theirs = peft.PeftModel.from_pretrained(build(), tmp_path / "a")
-    torch.testing.assert_close(_peft_out(theirs, x), logits(ours, x))
+    # two libraries' code paths: sums in other orders (1e-5 apart seen on AVX2 kernels)
+    torch.testing.assert_close(_peft_out(theirs, x), logits(ours, x), rtol=1e-4, atol=5e-5)
 
 
 @pytest.mark.parametrize("case", list(CASES))
