@@ -248,7 +248,7 @@ def test_from_peft_dict_warns_on_unknown_keys():
 @pytest.mark.parametrize(
     ("key", "value", "feature"),
     [
-        ("use_dora", True, "DoRA"),
+        ("use_qalora", True, "QA-LoRA"),
         ("lora_bias", True, "bias on lora_B"),
         ("layer_replication", [[0, 1]], "layer replication"),
     ],
@@ -266,8 +266,8 @@ def test_from_peft_dict_refuses_features_lorakit_lacks(key, value, feature):
 def test_from_peft_dict_refuses_other_peft_types_and_bad_values():
     with pytest.raises(ConfigError, match="peft_type='IA3'"):
         LoraConfig.from_peft_dict({"peft_type": "IA3", "target_modules": ["q_proj"]})
-    with pytest.raises(ConfigError, match="init_lora_weights='pissa'"):
-        LoraConfig.from_peft_dict({"target_modules": ["q_proj"], "init_lora_weights": "pissa"})
+    with pytest.raises(ConfigError, match="init_lora_weights='eva'"):
+        LoraConfig.from_peft_dict({"target_modules": ["q_proj"], "init_lora_weights": "eva"})
     source = "my_adapter/adapter_config.json"
     with pytest.raises(ConfigError, match=r"my_adapter/adapter_config\.json: .*r=0"):
         LoraConfig.from_peft_dict({"r": 0, "target_modules": ["q"]}, source)

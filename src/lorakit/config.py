@@ -20,7 +20,10 @@ from .errors import ConfigError, gather
 from .patterns import MAX_LENGTH, pattern_problem
 
 BIAS_MODES = ("none", "all", "lora_only")
-INIT_MODES = ("kaiming", "gaussian")
+INIT_MODES = ("kaiming", "gaussian", "pissa", "pissa_niter_K", "olora", "loftq")
+#: initialisations that change the base weights (the residual becomes the frozen base)
+BASE_CHANGING_INITS = ("pissa", "olora", "loftq")
+_PISSA_NITER = re.compile(r"pissa_niter_([1-9][0-9]*)")
 ALL_LINEAR = "all-linear"
 
 # PEFT keys that describe where or how an adapter is stored, not what it computes: read and ignored.
@@ -44,11 +47,9 @@ _PEFT_BOOKKEEPING = frozenset(
 )
 # PEFT features lorakit does not implement: an error when switched on, fine when off.
 _PEFT_UNSUPPORTED_WHEN_SET = {
-    "use_dora": "DoRA (weight-decomposed LoRA)",
     "use_qalora": "QA-LoRA",
     "lora_bias": "a trainable bias on lora_B",
     "trainable_token_indices": "trainable token indices",
-    "loftq_config": "LoftQ initialisation",
     "eva_config": "EVA initialisation",
     "corda_config": "CorDA initialisation",
     "lora_ga_config": "LoRA-GA initialisation",
@@ -86,8 +87,17 @@ class LoraConfig:
         exclude_modules: modules never adapted, with the same matching rules.
         bias: ``"none"`` (biases frozen), ``"all"`` (every bias trains), ``"lora_only"`` (biases
             of adapted modules train).
-        init: how ``A`` starts: ``"kaiming"`` (kaiming-uniform, a=sqrt(5)) or ``"gaussian"``
-            (normal, std 1/r). ``B`` always starts at zero.
+        init: how the adapter starts. ``"kaiming"`` (kaiming-uniform A, a=sqrt(5)) or
+            ``"gaussian"`` (normal A, std 1/r), B zero: the adapted model starts as the base.
+            ``"pissa"`` (A, B from the top-r singular vectors of W, the residual becomes the
+            frozen base; Meng et al. 2024), ``"pissa_niter_K"`` (the same by a randomised SVD of
+            K subspace iterations), ``"olora"`` (from a QR decomposition of W; Büyükakyüz 2024),
+            ``"loftq"`` (on a quantized base: the quantized residual plus the adapter
+            approximate W; Li et al. 2023): these change the base weights, and saving converts
+            the adapter back to plain LoRA on the untouched base.
+        loftq_iter: alternations of quantizing and SVD for ``init="loftq"`` (>= 1).
+        use_dora: DoRA (Liu et al. 2024): ``W' = m · (W + s B A) / ||W + s B A||`` per output,
+            with a trained magnitude ``m`` per output.
         use_rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
         rank_pattern / alpha_pattern: per-module overrides, ``{regex: value}``; a key matches a
             module whose path fully matches it or ends with ``"." + key``; the first key wins.
@@ -112,6 +122,8 @@ class LoraConfig:
     layers: tuple[int, ...] | None = None
     modules_to_save: tuple[str, ...] | None = None
     fused_slices: Mapping[str, tuple[bool, ...]] = dataclasses.field(default_factory=dict)
+    use_dora: bool = False
+    loftq_iter: int = 1
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -136,10 +148,19 @@ class LoraConfig:
             problems.append(f"dropout={self.dropout!r}: expected a number in [0, 1)")
         if self.bias not in BIAS_MODES:
             problems.append(f"bias={self.bias!r}: expected one of {', '.join(BIAS_MODES)}")
-        if self.init not in INIT_MODES:
-            problems.append(f"init={self.init!r}: expected one of {', '.join(INIT_MODES)}")
-        if not isinstance(self.use_rslora, bool):
-            problems.append(f"use_rslora={self.use_rslora!r}: expected True or False")
+        if self.init not in INIT_MODES or self.init == "pissa_niter_K":
+            if not (isinstance(self.init, str) and _PISSA_NITER.fullmatch(self.init)):
+                problems.append(
+                    f"init={self.init!r}: expected one of {', '.join(INIT_MODES)} "
+                    "(K a positive integer, e.g. pissa_niter_16)"
+                )
+        for field in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, field), bool):
+                problems.append(f"{field}={getattr(self, field)!r}: expected True or False")
+        if isinstance(self.loftq_iter, bool) or not isinstance(self.loftq_iter, int):
+            problems.append(f"loftq_iter={self.loftq_iter!r}: expected a positive integer")
+        elif self.loftq_iter < 1:
+            problems.append(f"loftq_iter={self.loftq_iter!r}: expected a positive integer")
 
         set_(self, "target_modules", _names("target_modules", self.target_modules, problems))
         if self.target_modules is None:
@@ -211,6 +232,11 @@ class LoraConfig:
         """The factor ``s`` the update ``B A x`` is multiplied by, for a given rank and alpha."""
         return alpha / (r**0.5) if self.use_rslora else alpha / r
 
+    @property
+    def changes_base(self) -> bool:
+        """Whether the initialisation rewrites the base weights (PiSSA, OLoRA, LoftQ)."""
+        return self.init.startswith(BASE_CHANGING_INITS)
+
     def replace(self, **changes: Any) -> LoraConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
@@ -266,13 +292,18 @@ class LoraConfig:
             ),
             "bias": self.bias,
             "use_rslora": self.use_rslora,
-            "init_lora_weights": True if self.init == "kaiming" else "gaussian",
+            "init_lora_weights": True if self.init == "kaiming" else self.init,
             "rank_pattern": dict(self.rank_pattern),
             "alpha_pattern": dict(self.alpha_pattern),
             "layers_to_transform": list(self.layers) if self.layers is not None else None,
             "modules_to_save": list(self.modules_to_save) if self.modules_to_save else None,
-            "use_dora": False,
+            "use_dora": self.use_dora,
             "lora_bias": False,
+            **(
+                {"loftq_config": {"loftq_bits": 4, "loftq_iter": self.loftq_iter}}
+                if self.init == "loftq"
+                else {}
+            ),
         }
 
     @classmethod
@@ -291,10 +322,21 @@ class LoraConfig:
                 problems.append(f"{key}={data[key]!r}: {feature} is not supported by lorakit")
         init = data.get("init_lora_weights", True)
         init_map = {True: "kaiming", "gaussian": "gaussian", False: "kaiming"}
+        init_map |= {name: name for name in ("pissa", "olora", "loftq")}
+        if isinstance(init, str) and _PISSA_NITER.fullmatch(init):
+            init_map[init] = init
         if init not in init_map:
             problems.append(
-                f"init_lora_weights={init!r}: lorakit reads True, False or 'gaussian' "
-                "(other initialisations are not supported)"
+                f"init_lora_weights={init!r}: lorakit reads True, False, 'gaussian', 'pissa', "
+                "'pissa_niter_K', 'olora' or 'loftq' (other initialisations are not supported)"
+            )
+        loftq = data.get("loftq_config") or {}
+        if not isinstance(loftq, Mapping):
+            problems.append(f"loftq_config={loftq!r}: expected a mapping")
+            loftq = {}
+        elif loftq.get("loftq_bits", 4) != 4:
+            problems.append(
+                f"loftq_config.loftq_bits={loftq['loftq_bits']!r}: lorakit's LoftQ uses 4 bits"
             )
         gather(problems, ConfigError, f"{source}: unsupported PEFT adapter")
         mapped = {
@@ -310,6 +352,8 @@ class LoraConfig:
             "alpha_pattern": data.get("alpha_pattern") or {},
             "layers": data.get("layers_to_transform"),
             "modules_to_save": data.get("modules_to_save"),
+            "use_dora": data.get("use_dora", False) or False,
+            "loftq_iter": loftq.get("loftq_iter", 1),
         }
         known = (
             set(_PEFT_BOOKKEEPING)
@@ -327,6 +371,8 @@ class LoraConfig:
                 "alpha_pattern",
                 "layers_to_transform",
                 "modules_to_save",
+                "use_dora",
+                "loftq_config",
             }
         )
         unknown = sorted(set(data) - known)

@@ -16,7 +16,7 @@ from torch import nn
 from . import layers as L
 from .adapter_memory import add_adapter, check_memory
 from .config import LoraConfig
-from .errors import AdapterError, MergeError, gather
+from .errors import AdapterError, ConfigError, MergeError, gather
 from .quant import quantized_weights
 from .targeting import parameter_line, plan
 
@@ -169,6 +169,7 @@ def apply_lora(
     check_adapter_name(adapter_name)
     if adapter_name in registry(model).configs:
         raise AdapterError(f"the model already has an adapter named {adapter_name!r}")
+    _refuse_unbuilt(config)
     the_plan = plan(model, config)
     check_memory(model, the_plan, adapter_dtype)
     undo = _Undo(model)
@@ -186,6 +187,14 @@ def apply_lora(
         undo.rollback()
         raise
     return root
+
+
+def _refuse_unbuilt(config: LoraConfig) -> None:
+    """Variants the config names but the layers do not compute yet: an error, never ignored."""
+    unbuilt = {"use_dora": config.use_dora, "init": config.changes_base}
+    problems = [f"{key}={getattr(config, key)!r}" for key, on in unbuilt.items() if on]
+    if problems:
+        raise ConfigError(f"{', '.join(problems)}: not available in this version of lorakit")
 
 
 class _Undo:

@@ -69,9 +69,9 @@ def test_config_that_is_not_json(saved):
 
 def test_peft_feature_lorakit_lacks_is_an_error_and_unknown_keys_a_warning(saved):
     directory, model = saved
-    edit_config(directory, use_dora=True)
-    assert_refused(directory, ConfigError, "DoRA")
-    edit_config(directory, use_dora=False, a_key_from_the_future=1)
+    edit_config(directory, use_qalora=True)
+    assert_refused(directory, ConfigError, "QA-LoRA")
+    edit_config(directory, use_qalora=False, a_key_from_the_future=1)
     with pytest.warns(UserWarning, match="a_key_from_the_future"):
         loaded = lorakit.load_adapter(tiny_llama(), directory)
     assert torch.equal(logits(loaded, tokens(128)), logits(model, tokens(128)))
