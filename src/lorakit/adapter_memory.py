@@ -32,7 +32,8 @@ def add_adapter(layer: nn.Module, row: PlanRow, config: LoraConfig, name: str, w
     """``layer.add_adapter`` for a plan row; an allocation that fails is a ConfigError."""
     dtype = adapter_dtype_on(layer.weight, wanted)
     try:
-        record = AdapterRecord(row.r, row.alpha, row.scaling, float(config.dropout))
+        variant = "dora" if config.use_dora else None
+        record = AdapterRecord(row.r, row.alpha, row.scaling, float(config.dropout), variant)
         layer.add_adapter(name, record, config.init, dtype)
     except (RuntimeError, MemoryError) as exc:
         if not isinstance(exc, (MemoryError, torch.OutOfMemoryError)) and not any(

@@ -78,6 +78,12 @@ def combine(
             raise ConfigError(
                 f"{path}: adapters on fused slices cannot be combined yet; merge them one at a time"
             )
+        dora = [n for n, _ in present if layer.records[n].variant is not None]
+        if dora:
+            raise ConfigError(
+                f"{path}: DoRA adapter(s) {dora} cannot be combined: a DoRA update is not a sum "
+                "of low-rank terms (its rows are rescaled by a magnitude); merge it instead"
+            )
         a, b = _combine_layer(layer, present, method, rank, density, gen, path)
         results[path] = (layer, a, b)
 

@@ -191,7 +191,7 @@ def apply_lora(
 
 def _refuse_unbuilt(config: LoraConfig) -> None:
     """Variants the config names but the layers do not compute yet: an error, never ignored."""
-    unbuilt = {"use_dora": config.use_dora, "init": config.changes_base}
+    unbuilt = {"init": config.changes_base}
     problems = [f"{key}={getattr(config, key)!r}" for key, on in unbuilt.items() if on]
     if problems:
         raise ConfigError(f"{', '.join(problems)}: not available in this version of lorakit")

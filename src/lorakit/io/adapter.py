@@ -541,7 +541,13 @@ def _differs_only_in_rank(slot: Slot, found: tuple[int, ...]) -> bool:
     return all(a == b for i, (a, b) in enumerate(zip(slot.shape, found)) if i != dim)
 
 
-_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B")
+_SUFFIXES = (
+    ".lora_A.weight",
+    ".lora_B.weight",
+    ".lora_embedding_A",
+    ".lora_embedding_B",
+    ".lora_magnitude_vector",
+)
 
 
 def _module_of(key: str) -> str:

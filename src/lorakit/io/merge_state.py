@@ -13,8 +13,9 @@ that adapter active (torchtune's ``get_merged_lora_ckpt``). Nothing is loaded in
 a base far larger than memory merges one shard at a time (``strict=False``, then check that every
 module was found in some shard with :func:`adapter_modules`).
 
-Per module, by the base weight's layout: a linear weight (out, in) gets ``s · B A``; transformers'
-``Conv1D`` (in, out) (``fan_in_fan_out``) and an embedding (num, dim) its transpose; a
+A DoRA adapter (``lora_magnitude_vector``) merges as ``m / ‖W + s B A‖ ⊙ (W + s B A)`` per
+output row. Per module, by the base weight's layout: a linear weight (out, in) gets ``s · B A``;
+transformers' ``Conv1D`` (in, out) (``fan_in_fan_out``) and an embedding (num, dim) its transpose; a
 convolution (out, in, *k) ``s · (B A)`` reshaped to its kernel. ``s`` is the config's scale for the
 module's rank and alpha (its ``rank_pattern`` / ``alpha_pattern``, rsLoRA). A trained copy of a
 module (``modules_to_save``) and a trained bias replace the base's tensors.
@@ -40,6 +41,7 @@ _FACTORS = {
     "lora_B.weight": "B",
     "lora_embedding_A": "A",
     "lora_embedding_B": "B",
+    "lora_magnitude_vector": "M",
 }
 
 
@@ -94,9 +96,10 @@ def merge_state_dict(
     for path, factors in modules.items():
         key = f"{path}.weight"
         embedding = factors.pop("embedding", None) is not None
-        if set(factors) != {"A", "B"}:
+        if set(factors) - {"M"} != {"A", "B"} or ("M" in factors and embedding):
             problems.append(
-                f"{path}: the adapter has {sorted(factors)} of its factors, not A and B"
+                f"{path}: the adapter has {sorted(factors)} of its factors, not A and B "
+                "(and a DoRA magnitude M on a linear layer)"
             )
             continue
         if key not in base:
@@ -116,6 +119,14 @@ def merge_state_dict(
             problems.append(str(exc))
             continue
         merged = weight.float() + delta.to(weight.device) * config.scaling(r, alpha)
+        if "M" in factors:  # DoRA: each output row rescaled to its magnitude, m / ‖W + s B A‖
+            rows = merged.t() if fan_in_fan_out else merged
+            m = factors["M"].float().to(weight.device)
+            if m.shape != rows.shape[:1]:
+                problems.append(f"{path}: magnitude {tuple(m.shape)}, {rows.shape[0]} outputs")
+                continue
+            rows = rows * (m / torch.linalg.vector_norm(rows, dim=1))[:, None]
+            merged = rows.t() if fan_in_fan_out else rows
         out[key] = merged.to(weight.dtype)
     for key, tensor in whole.items():
         if key in base:

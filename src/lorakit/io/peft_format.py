@@ -8,6 +8,7 @@ with the adapter name taken out of every key:
 ``<path>.lora_B.weight``               B, (out, r); a convolution's (out, r, 1, ...)
 ``<path>.lora_embedding_A``            an embedding's A, (r, num_embeddings); no ``.weight``
 ``<path>.lora_embedding_B``            an embedding's B, (dim, r)
+``<path>.lora_magnitude_vector``       a DoRA adapter's magnitude, (out,); no ``.weight``
 ``<path>.<name>``                      a ``modules_to_save`` copy's tensors (``classifier.weight``:
                                        PEFT drops the ``modules_to_save.<adapter>.`` part)
 ``<path>.base_layer.bias``             a targeted layer's bias (``bias="all"`` or ``"lora_only"``)
@@ -42,7 +43,7 @@ from ..layers import LoraLayer, SavedModule
 from ..targeting import pattern_match, suffix_match
 
 PREFIX = "base_model.model."
-ROLES = ("lora_A", "lora_B", "saved", "bias", "base")
+ROLES = ("lora_A", "lora_B", "lora_magnitude", "saved", "bias", "base")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +146,11 @@ def _layer_slot(layer, path, rest, tensor, adapter_name, bias, required, optiona
             fused = layer
             shape = (layer.out_features, layer.record(name).rank * sum(layer.slices))
         required[key] = Slot(key, path, head, tensor, shape, fused)
+        return
+    if head == "lora_magnitude":
+        if name == adapter_name:
+            key = _key(path, "lora_magnitude_vector")
+            required[key] = Slot(key, path, head, tensor, tuple(tensor.shape))
         return
     key = _key(path, f"base_layer.{rest}")
     trained = rest == "bias" and (

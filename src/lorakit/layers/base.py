@@ -36,12 +36,13 @@ from torch import nn
 from ..errors import AdapterError, MergeError
 from ..quant import QuantizedWeight
 from ..quant.weight import hand_over_packed
+from .dora import DORA, Dora
 from .merging import Merging
 from .record import AdapterRecord, pad_rank
 from .rows import MixedRows, SlotTable, active_plan
 
 
-class LoraLayer(Merging, MixedRows, nn.Module):
+class LoraLayer(Merging, MixedRows, Dora, nn.Module):
     """Base class of every LoRA layer; see the module docstring."""
 
     #: short name of the base layer kind ("linear", "conv1d_gpt2", "embedding", "conv")
@@ -167,9 +168,10 @@ class LoraLayer(Merging, MixedRows, nn.Module):
         return self.records[name]
 
     def adapter_tensors(self, name: str) -> list[nn.Parameter]:
-        """The tensors adapter ``name`` trains in this layer: A and B."""
+        """The tensors adapter ``name`` trains in this layer: A and B (and DoRA's magnitude)."""
         self._require(name)
-        return [self._A[name], self._B[name]]
+        m = self._M.get(name)
+        return [self._A[name], self._B[name]] + ([] if m is None else [m])
 
     def add_adapter(
         self,
@@ -180,6 +182,10 @@ class LoraLayer(Merging, MixedRows, nn.Module):
     ) -> None:
         if name in self.records:
             raise AdapterError(f"{self._where()}: adapter {name!r} already exists")
+        if record.variant == DORA and self.dora_problem():
+            raise AdapterError(self.dora_problem())
+        if record.variant not in (None, DORA):
+            raise AdapterError(f"{self._where()}: unknown LoRA variant {record.variant!r}")
         dtype = dtype or self.weight.dtype
         if not dtype.is_floating_point:
             dtype = torch.float32
@@ -193,12 +199,15 @@ class LoraLayer(Merging, MixedRows, nn.Module):
         self.lora_A[name] = a
         self.lora_B[name] = b
         self.records[name] = record
+        if record.variant == DORA:
+            self.add_magnitude(name, dtype)
 
     def delete_adapter(self, name: str) -> None:
         self._require(name)
         if name in self.merged_adapters:
             raise MergeError(f"{self._where()}: adapter {name!r} is merged; unmerge it first")
         del self.lora_A[name], self.lora_B[name], self.records[name]
+        self.drop_magnitude(name)
         self._stack_cache = None
         if self.active_adapter == name:
             self.active_adapter = None
@@ -282,9 +291,12 @@ class LoraLayer(Merging, MixedRows, nn.Module):
         a = self._A[name]
         b = self.effective_B(name) if self.expands_B else self._B[name]
         record = self.records[name]
+        dropped = x
         if record.dropout > 0.0 and self.training:
-            x = F.dropout(x, record.dropout, True)
-        return self.lora_forward(x, out, a, b, record.scale)
+            dropped = F.dropout(x, record.dropout, True)
+        if record.variant is not None:  # DoRA (layers/dora.py)
+            return self.dora_forward(x, out, name, dropped)
+        return self.lora_forward(dropped, out, a, b, record.scale)
 
     def extra_repr(self) -> str:
         items = ", ".join(f"{n}: r={r.rank}" for n, r in self.records.items())

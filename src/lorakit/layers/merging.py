@@ -26,7 +26,10 @@ class Merging:
         return weight.dequantize(torch.float32) if isinstance(weight, QuantizedWeight) else weight
 
     def merged_weight(self, name: str) -> torch.Tensor:
-        """``W + s · B A`` for adapter ``name``: the sum in float32, cast once to W's dtype."""
+        """``W + s · B A`` for adapter ``name``: the sum in float32, cast once to W's dtype.
+        A DoRA adapter's rows are rescaled by ``m / ‖W + s B A‖`` (layers/dora.py)."""
+        if self.records[name].variant is not None:
+            return self.dora_merged(name).to(self.weight.dtype)
         weight = self.dense_weight()
         merged = weight.float() + self.delta_weight(name).to(weight.device)
         return merged.to(self.weight.dtype)
@@ -74,6 +77,11 @@ class Merging:
             if not all(bool(torch.isfinite(t).all()) for t in tensors):
                 return f"merging {name!r} would write non-finite values"
             top = torch.finfo(self.weight.dtype).max
+            if record.variant is not None:  # DoRA rescales rows: no cheap bound, compute it
+                merged = self.merged_weight(name)
+                if not bool(torch.isfinite(merged).all()):
+                    return f"merging {name!r} would write non-finite or out-of-range values"
+                return None
             bound = float(weight.abs().max()) + abs(record.scale) * float(
                 b.flatten(1).norm(dim=1).max()
             ) * float(a.flatten(1).norm(dim=0).max())
@@ -103,8 +111,11 @@ class Merging:
         with torch.no_grad():
             while self.merged_adapters:
                 name = self.merged_adapters[-1]
-                new = self.weight.float() - self.delta_weight(name).to(self.weight.device)
-                new = new.to(self.weight.dtype)
+                if self.records[name].variant is not None:  # DoRA: W' / g - s B A
+                    new = self.dora_unmerged(name).to(self.weight.dtype)
+                else:
+                    new = self.weight.float() - self.delta_weight(name).to(self.weight.device)
+                    new = new.to(self.weight.dtype)
                 self._check_finite(new, f"unmerging adapter {name!r}")
                 self.weight.copy_(new)
                 self.merged_adapters.pop()

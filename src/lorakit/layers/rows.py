@@ -179,6 +179,8 @@ class MixedRows:
         if not any(n in records for n, _ in groups):  # none of the rows' adapters is here
             return out
         table = plan.table
+        if self._M:  # DoRA adapters here: each row rescaled by its own adapter's g
+            return self._stacked_dora(x, out, plan, slots, groups)
         if self.training and x.is_floating_point() and any(r.dropout for r in records.values()):
             # per-row dropout probabilities: drop with each row's own p
             p = [0.0] + [records[n].dropout if n in records else 0.0 for n in table.names]
@@ -208,24 +210,41 @@ class MixedRows:
         parts = []
         for (name, _), xs, part in zip(groups, x.split(sizes), out.split(sizes)):
             if name in records:
-                record = records[name]
-                if record.dropout > 0.0 and self.training:
-                    xs = F.dropout(xs, record.dropout, True)
-                a = self._A[name]
-                delta = F.linear(F.linear(xs.to(a.dtype), a), self.effective_B(name))
-                # mixed precision: the sum formed in the adapter's dtype and rounded once
-                part = (part.to(delta.dtype) + delta * record.scale).to(part.dtype)
+                part = self._group_update(name, xs, part)
             parts.append(part)
         return torch.cat(parts)
 
+    def _group_update(self, name: str, xs: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+        """The rows ``xs`` of one adapter: their base output ``part`` plus its update (a DoRA
+        adapter's rescaled, layers/dora.py), as a new tensor."""
+        record = self.records[name]
+        dropped = xs
+        if record.dropout > 0.0 and self.training:
+            dropped = F.dropout(xs, record.dropout, True)
+        a = self._A[name]
+        delta = F.linear(F.linear(dropped.to(a.dtype), a), self.effective_B(name))
+        # mixed precision: the sum formed in the adapter's dtype and rounded once
+        summed = part.to(delta.dtype) + delta * record.scale
+        if record.variant is None:
+            return summed.to(part.dtype)
+        g, c = self.dora_factors(name)
+        summed = summed * g if c is None else summed * g + c
+        if dropped is not xs:
+            summed = summed + (g - 1.0) * self._linear_only(dropped - xs).to(g.dtype)
+        return summed.to(part.dtype)
+
     def _grouped_rows(self, x: torch.Tensor, out: torch.Tensor, groups) -> torch.Tensor:
         """Few adapters: each adapter's rows gathered, updated by plain matmuls."""
-        rows, deltas = [], []
+        rows, deltas, replaced = [], [], []
         params_a, records = self._A, self.records
         for name, index in groups:
             if name not in records:  # an adapter this layer does not have adds nothing
                 continue
             record = records[name]
+            if record.variant is not None:  # DoRA rows: their whole output, copied in below
+                new = self._group_update(name, x.index_select(0, index), out.index_select(0, index))
+                replaced.append((index, new))
+                continue
             xs = x.index_select(0, index)
             if record.dropout > 0.0 and self.training:
                 xs = F.dropout(xs, record.dropout, True)
@@ -233,6 +252,8 @@ class MixedRows:
             b = self.effective_B(name)
             deltas.append(F.linear(F.linear(xs.to(a.dtype), a), b) * record.scale)
             rows.append(index)
+        for index, new in replaced:  # the groups' rows are disjoint
+            out = out.index_copy(0, index, new)
         if not rows:
             return out
         index = rows[0] if len(rows) == 1 else torch.cat(rows)
@@ -243,6 +264,26 @@ class MixedRows:
         # one-adapter path does (every row sits in one group, so the index has no repeats)
         summed = out.index_select(0, index).to(delta.dtype) + delta
         return out.index_copy(0, index, summed.to(out.dtype))
+
+    def _stacked_dora(self, x, out, plan: RowPlan, slots, groups) -> torch.Tensor:
+        """The stacked path with DoRA adapters among the rows': the plain rows' updates by the
+        stack (DoRA slots zeroed in it), then each DoRA adapter's rows as a group."""
+        plain = [(n, ix) for n, ix in groups if self.records.get(n, None) and n not in self._M]
+        dora = [(n, ix) for n, ix in groups if n in self._M]
+        if self.training and any(self.records[n].dropout for n, _ in plain):
+            dora, plain = dora + plain, []  # per-row dropout: every adapter as its own group
+        if plain:
+            keep = torch.tensor([0] + [n not in self._M for n in plan.table.names])
+            masked = slots * keep.to(slots.device)[slots]  # DoRA rows -> slot 0 (nothing)
+            out = self._stacked_plain(x, out, plan.table, masked)
+        for name, index in dora:
+            new = self._group_update(name, x.index_select(0, index), out.index_select(0, index))
+            out = out.index_copy(0, index, new)
+        return out
+
+    def _stacked_plain(self, x, out, table: SlotTable, slots) -> torch.Tensor:
+        a, b = self.stacked(table)
+        return self.rows_forward(x, out, a[slots], b[slots], slots)
 
     def stacked(self, table: SlotTable) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's adapters stacked in the table's slot order, zero-padded to a common rank.
