@@ -344,13 +344,17 @@ def check_fits(saved: Saved, model: nn.Module, optimizer: torch.optim.Optimizer)
                     f"parameter has {tuple(params[name].shape)}"
                 )
     saved_opt, groups = saved.state["optimizer"], optimizer.param_groups
-    sizes = [
-        len(g.get("params", ())) if isinstance(g, dict) else -1 for g in saved_opt["param_groups"]
+    layout = [
+        (g.get("name"), len(g.get("params", ()))) if isinstance(g, dict) else (None, -1)
+        for g in saved_opt["param_groups"]
     ]
-    if sizes != [len(g["params"]) for g in groups]:
+    mine = [(g.get("name"), len(g["params"])) for g in groups]
+    if layout != mine:
         raise CheckpointError(
-            f"{where}/state.pt: the optimizer's parameter groups {sizes} do not fit the model's "
-            f"{[len(g['params']) for g in groups]}"
+            f"{where}/state.pt: the optimizer's parameter groups ({_groups(layout)}) do not fit "
+            f"this run's ({_groups(mine)}); training.loraplus_lr_ratio decides the groups "
+            "(LoRA+: A, B, embedding, base): resume with the settings the checkpoint was "
+            "written with"
         )
     ordered = [p for g in groups for p in g["params"]]
     for index, values in saved_opt["state"].items():
@@ -366,6 +370,13 @@ def check_fits(saved: Saved, model: nn.Module, optimizer: torch.optim.Optimizer)
                     f"{where}/state.pt: optimizer {key} of parameter {index} has shape "
                     f"{tuple(value.shape)}, the parameter has {tuple(ordered[index].shape)}"
                 )
+
+
+def _groups(layout: list[tuple[Any, int]]) -> str:
+    """Groups in words: ``A 28, B 28, embedding 0, base 0``, or ``one group of 56``."""
+    if len(layout) == 1 and layout[0][0] is None:
+        return f"one group of {layout[0][1]}"
+    return ", ".join(f"{name or 'unnamed'} {size}" for name, size in layout)
 
 
 def restore_parameters(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:

@@ -80,6 +80,8 @@ class TrainingSection:
     min_lr_ratio: float = 0.0
     max_grad_norm: float | None = 1.0
     optimizer: Literal["adamw", "sgd"] = "adamw"  # sgd: plain SGD (no momentum)
+    loraplus_lr_ratio: float | None = None  # LoRA+: B's lr = this x lr (param_groups.py)
+    loraplus_lr_embedding: float = 1e-6  # LoRA+: the lr of an adapted embedding's A and B
     gradient_checkpointing: bool = False
     seed: int = 0
     threads: int | None = None
@@ -181,7 +183,7 @@ SECTIONS = {
 POSITIVE = set(
     "data.max_length training.batch_size training.grad_accum training.lr training.steps "
     "training.epochs training.log_every training.threads training.max_grad_norm "
-    "training.distributed_timeout "
+    "training.distributed_timeout training.loraplus_lr_ratio training.loraplus_lr_embedding "
     "evaluation.batch_size evaluation.max_new_tokens evaluation.max_rows".split()
 )
 NON_NEGATIVE = set(
@@ -437,6 +439,7 @@ def _cross_checks(built: dict[str, Any], problems: list[str]) -> None:
         )
     if training.min_lr_ratio > 1:
         problems.append(f"training.min_lr_ratio={training.min_lr_ratio}: must be at most 1")
+    _check_loraplus(training, problems)
     if data is None:
         return
     if evaluation.every and data.eval is None:
@@ -445,6 +448,22 @@ def _cross_checks(built: dict[str, Any], problems: list[str]) -> None:
         problems.append(
             "training.early_stopping counts held-out evaluations: it needs data.eval and "
             "evaluation.every > 0"
+        )
+
+
+def _check_loraplus(training: TrainingSection, problems: list[str]) -> None:
+    """LoRA+ needs adapters (its ratio is B's rate over A's); its embedding rate needs the ratio."""
+    ratio = training.loraplus_lr_ratio
+    if ratio is not None and training.method == "full":
+        problems.append(
+            f"training.loraplus_lr_ratio={ratio}: LoRA+ sets the rate of LoRA's B matrices; "
+            "training.method=full has none (use lora or qlora, or leave the ratio null)"
+        )
+    default = TrainingSection.loraplus_lr_embedding
+    if ratio is None and training.loraplus_lr_embedding != default:
+        problems.append(
+            f"training.loraplus_lr_embedding={training.loraplus_lr_embedding}: applies only "
+            "with LoRA+; set training.loraplus_lr_ratio (e.g. 16) too, or leave it out"
         )
 
 

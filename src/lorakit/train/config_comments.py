@@ -46,6 +46,8 @@ COMMENTS: dict[str, str] = {
     "training.min_lr_ratio": "the schedule's final learning rate, as a share of lr",
     "training.max_grad_norm": "clip the gradient norm to this (null: no clipping)",
     "training.optimizer": "adamw, or sgd (plain SGD: no momentum; weight_decay applies)",
+    "training.loraplus_lr_ratio": "LoRA+: B's learning rate is this times lr (e.g. 16; null: off)",
+    "training.loraplus_lr_embedding": "LoRA+: learning rate of an adapted embedding's A and B",
     "training.gradient_checkpointing": "recompute activations in backward: less memory, slower",
     "training.seed": "seed of initialisation, data order and dropout",
     "training.threads": "CPU threads for torch (null: torch's default)",

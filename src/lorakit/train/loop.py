@@ -75,7 +75,7 @@ def _train(config, world, model, tokenizer, loggers, console) -> TrainResult:
 
     # 4. Optimizer, schedule, data order; or all of them as a checkpoint left them.
     params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, tc)
+    optimizer = build_optimizer(params, tc, model, say)
     scheduler = schedule.build(optimizer, steps, tc.warmup_steps, tc.schedule, tc.min_lr_ratio)
     batches = Batches(run.train_rows, tc.batch_size, tc.seed)
     start, before = 0, None

@@ -208,7 +208,7 @@ def train_adapters(config: TrainConfig, world, model, tokenizer, loggers, consol
     params = [p for p in net.parameters() if p.requires_grad]
     for run in runs:
         run.params = [p for p in adapter_parameters(model, run.name) if p.requires_grad]
-    optimizer = build_optimizer(params, tc)
+    optimizer = build_optimizer(params, tc, model, say)
     scheduler = schedule.build(optimizer, steps, tc.warmup_steps, tc.schedule, tc.min_lr_ratio)
     streams = Streams({run.name: run.batches for run in runs})
     for run in runs:

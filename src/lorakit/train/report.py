@@ -100,6 +100,7 @@ def render(summary: dict[str, Any], before: EvalResult | None, after: EvalResult
         f"({100 * s['trainable'] / max(s['total'], 1):.2f}%)",
         f"- data: {s['train_rows']} training rows ({s['truncated']} truncated to "
         f"{s['max_length']} tokens), {s['eval_rows']} held-out rows",
+        *([f"- LoRA+: {s['loraplus']}"] if s.get("loraplus") else []),
         f"- steps: {s['steps']} of {s['batch_rows']} rows"
         + (f" (resumed at step {s['start_step']})" if s["start_step"] else ""),
         f"- time: {s['train_seconds']:.1f} s training ({s['step_seconds']:.2f} s/step, "
@@ -155,6 +156,7 @@ def write_results(
         "max_length": cfg.data.max_length,
         "steps": result.steps,
         "batch_rows": tc.batch_size * tc.grad_accum,
+        "loraplus": _loraplus(tc),
         "start_step": start,
         "train_seconds": result.train_seconds,
         "step_seconds": result.train_seconds / max(len(done), 1),
@@ -198,6 +200,17 @@ def write_results(
         except Exception as e:  # noqa: BLE001 - any failure of the report must not lose the run
             _warn(result, say, f"the report (report.md) was not written: {type(e).__name__}: {e}")
         write_summary()
+
+
+def _loraplus(tc: Any) -> str | None:
+    """LoRA+'s rates in words (``training.loraplus_lr_ratio``), or None without it."""
+    ratio = tc.loraplus_lr_ratio
+    if ratio is None:
+        return None
+    return (
+        f"B at {ratio:g} x lr ({tc.lr * ratio:.3g}), A and the rest at lr ({tc.lr:.3g}), "
+        f"an adapted embedding's A and B at {tc.loraplus_lr_embedding:.3g}"
+    )
 
 
 def _warn(result: TrainResult, say: Any, text: str) -> None:

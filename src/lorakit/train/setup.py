@@ -208,12 +208,32 @@ def resolve_steps(
     return cfg, tc.steps or max(1, math.ceil(tc.epochs * len(rows.train) / rows_per_step))
 
 
-def build_optimizer(params: list[nn.Parameter], tc: TrainingSection) -> torch.optim.Optimizer:
+def build_optimizer(
+    params: list[nn.Parameter],
+    tc: TrainingSection,
+    model: nn.Module | None = None,
+    say: Any = None,
+) -> torch.optim.Optimizer:
     """``training.optimizer``: AdamW (the default), or plain SGD (no momentum). Both keep their
-    state per parameter, so adapters trained side by side step as each would alone."""
+    state per parameter, so adapters trained side by side step as each would alone.
+
+    ``params``: the trainable parameters, one group at ``training.lr``; with
+    ``training.loraplus_lr_ratio``, the four LoRA+ groups of :mod:`.param_groups` (``model``:
+    where the LoRA layers are, holding ``params`` as they are now, e.g. after FSDP wrapped
+    them); ``say``: told the groups and their rates in one line."""
+    groups: list[Any] = params
+    if tc.loraplus_lr_ratio is not None:
+        if model is None:
+            raise ValueError("LoRA+ groups need the model that holds the parameters")
+        from .param_groups import describe, param_groups
+
+        rates = dict(lr=tc.lr, ratio=tc.loraplus_lr_ratio, lr_embedding=tc.loraplus_lr_embedding)
+        groups = param_groups(model, params, weight_decay=tc.weight_decay, **rates)
+        if say is not None:
+            say(describe(groups))
     if tc.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=tc.lr, weight_decay=tc.weight_decay)
-    return torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+        return torch.optim.SGD(groups, lr=tc.lr, weight_decay=tc.weight_decay)
+    return torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay)
 
 
 def prepare_model(
