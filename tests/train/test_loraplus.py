@@ -96,6 +96,14 @@ def test_saved_modules_and_biases_train_at_the_base_rate():
     assert not any("bias" in n or "lm_head" in n for g in ("A", "B") for n in found[g])
 
 
+def test_dora_magnitudes_go_with_b():
+    model = adapted(dataclasses.replace(LORA, target_modules=TARGETS[:3], use_dora=True))
+    found = named(model, groups_of(model))
+    magnitudes = {n for n, _ in model.named_parameters() if ".lora_magnitude." in n}
+    assert len(magnitudes) == 6 and magnitudes <= found["B"]
+    assert len(found["A"]) == 6 and len(found["B"]) == 12
+
+
 def test_a_magnitude_vector_goes_with_b_found_by_identity():
     """DoRA's 1-D magnitude (``lora_magnitude``, a third tensor per adapter) trains at B's rate,
     as PEFT's 1-D adapter tensors do; found from the layer, whatever its name."""
@@ -141,23 +149,32 @@ def test_describe_names_each_group_with_tensors_and_its_peak_rate():
 
 def peft_key(name: str) -> tuple[str, str]:
     """(module path, role) of a PEFT parameter name:
-    ``base_model.model.model.embed_tokens.lora_embedding_A.default`` -> (model.embed_tokens, A)."""
+    ``base_model.model.model.embed_tokens.lora_embedding_A.default`` -> (model.embed_tokens, A);
+    DoRA's magnitude (``lora_magnitude_vector``) is role ``m``, as lorakit's ``lora_magnitude``."""
     name = name.removeprefix("base_model.model.")
     for marker, role in ((".lora_embedding_A.", "A"), (".lora_embedding_B.", "B"),
-                         (".lora_A.", "A"), (".lora_B.", "B")):  # fmt: skip
+                         (".lora_A.", "A"), (".lora_B.", "B"),
+                         (".lora_magnitude_vector.", "m")):  # fmt: skip
         if marker in name:
             return name.split(marker)[0], role
     raise AssertionError(f"not an adapter parameter: {name}")
 
 
-def test_same_rate_and_decay_per_parameter_as_peft():
+@pytest.mark.parametrize(
+    "targets, dora, count",
+    [(TARGETS, False, 14), (TARGETS[:3], True, 18)],  # DoRA: linear layers only, 6 magnitudes
+    ids=["lora with an embedding", "dora"],
+)
+def test_same_rate_and_decay_per_parameter_as_peft(targets, dora, count):
     peft = pytest.importorskip("peft")
     from peft.optimizers import create_loraplus_optimizer
 
-    ours = adapted()
+    ours = adapted(dataclasses.replace(LORA, target_modules=targets, use_dora=dora))
     theirs = peft.get_peft_model(
         tiny_llama(VOCAB),
-        peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(TARGETS), lora_dropout=0.0),
+        peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=list(targets), lora_dropout=0.0, use_dora=dora
+        ),
     )
     reference = create_loraplus_optimizer(
         theirs,
@@ -179,8 +196,8 @@ def test_same_rate_and_decay_per_parameter_as_peft():
         for p in g["params"]:
             path, _, rest = mine[id(p)].partition(".lora_")
             got[(path, rest[0])] = (g["lr"], g["weight_decay"])
-    assert got == expected and len(got) == 14  # 6 layers' A and B, the embedding's
-    assert len({lr for lr, _ in got.values()}) == 3  # A's, B's and the embedding's
+    assert got == expected and len(got) == count  # 6 layers' A and B, and the rest
+    assert len({lr for lr, _ in got.values()}) == 3 - dora  # A's, B's (, the embedding's)
 
 
 # -- one step -----------------------------------------------------------------------------------
@@ -341,3 +358,33 @@ def test_groups_find_the_sharded_parameters_after_fsdp_wraps_them(tmp_path):
         optimizer.step()
     finally:
         dist.destroy_process_group()
+
+
+# -- many adapters in one run -------------------------------------------------------------------
+
+
+def test_each_adapter_of_a_loraplus_many_adapter_run_equals_its_own_run_alone(tmp_path):
+    """The tolerance is the many-adapter tests' (test_multi_adapter.py): the shared batch is
+    padded to the widest row of all the adapters, so sums run in another order than alone."""
+    from conftest import date_rows, write_jsonl
+    from lorakit.train.config import build
+
+    raw = run_config(tmp_path, lora=RUN_LORA, training={"steps": 3, "threads": 1, **LORAPLUS})
+    raw = raw.to_dict()
+    del raw["data"]["train"], raw["data"]["eval"]
+    raw["adapters"] = {
+        "one": {"data": {"train": write_jsonl(tmp_path / "one.jsonl", date_rows(8))}},
+        "two": {
+            "data": {"train": write_jsonl(tmp_path / "two.jsonl", date_rows(12, offset=5))},
+            "lora": {"r": 2},
+        },
+    }
+    cfg, lines = build(raw), Quiet()
+    many = run(cfg, console=lines)
+    assert sum(line.startswith("LoRA+ optimizer groups: A 12 tensors") for line in lines.lines) == 1
+    for section in cfg.adapters:
+        out = dataclasses.replace(cfg.output, dir=str(tmp_path / "alone" / section.name))
+        alone = run(dataclasses.replace(cfg.alone(section), output=out))
+        assert sorted(alone.losses) == [1, 2, 3]
+        for step, loss in alone.losses.items():
+            assert many.adapters[section.name].losses[step] == pytest.approx(loss, rel=1e-4)
