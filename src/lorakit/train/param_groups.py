@@ -11,23 +11,20 @@ between 2 and 32) and keeps everything else of the optimizer.
 are, found by identity from the LoRA layers (``lorakit.model.lora_layers``), never by their
 names:
 
-====================  ==========================================  ============================
-group (``"name"``)    what                                         learning rate
-====================  ==========================================  ============================
-``A``                 every ``A`` of a non-embedding layer         ``lr``
-``B``                 every ``B``, and 1-D adapter tensors (DoRA's  ``lr · ratio``
-                      magnitudes), of a non-embedding layer
-``embedding``         every adapter tensor of an embedding layer   ``lr_embedding`` (1e-6)
-``base``              anything else trainable: ``modules_to_save``  ``lr``
-                      copies, biases (``lora.bias``)
-====================  ==========================================  ============================
+* ``A``: every ``A`` of a non-embedding layer, at ``lr``;
+* ``B``: every ``B`` and every 1-D adapter tensor (DoRA's magnitudes) of a non-embedding layer,
+  at ``lr · ratio``;
+* ``embedding``: every adapter tensor of an embedding layer, at ``lr_embedding`` (by default
+  1e-6, PEFT's);
+* ``base``: anything else trainable (``modules_to_save`` copies, biases under ``lora.bias``),
+  at ``lr``.
 
-This is PEFT's ``create_loraplus_optimizer`` grouping with two differences, both written down
-here: PEFT sends every 1-D trainable tensor (biases, LayerNorm weights of a saved module) to
-``B``'s rate without weight decay; lorakit keeps what is not an adapter's at the base rate,
-so LoRA+ changes only the adapters' rates. Weight decay is ``training.weight_decay`` for
-every group (no exemptions, as in a run without LoRA+; PEFT's own ``loraplus_weight_decay``
-defaults to 0 for every group).
+This is PEFT's ``create_loraplus_optimizer`` grouping with two differences: (1) PEFT sends
+every 1-D trainable tensor (biases, LayerNorm weights of a saved module) to ``B``'s rate
+without weight decay; lorakit keeps what is not an adapter's at the base rate, so LoRA+
+changes only the adapters' rates. (2) Weight decay is ``training.weight_decay`` for every
+group (no exemptions, as in a run without LoRA+), where PEFT's ``loraplus_weight_decay``
+(default 0) applies to all but that no-decay group.
 
 The groups are always the four, in this order, even when one is empty (a model without an
 adapted embedding): a checkpoint's group layout then depends only on the config, and group 0
