@@ -15,8 +15,10 @@ from torch import nn
 
 from . import layers as L
 from .adapter_memory import add_adapter, check_memory
+from .base_change import check_base_init, check_restorable
 from .config import LoraConfig
 from .errors import AdapterError, ConfigError, MergeError, gather
+from .layers import init as base_init
 from .quant import quantized_weights
 from .targeting import parameter_line, plan
 
@@ -148,6 +150,7 @@ def apply_lora(
     adapter_name: str = "default",
     *,
     adapter_dtype: torch.dtype | None = None,
+    quantize_base: bool = False,
 ) -> nn.Module:
     """Add a LoRA adapter to ``model`` in place, freeze every base parameter, return the model.
 
@@ -162,6 +165,17 @@ def apply_lora(
     Raises ``TargetError`` if a target matches nothing, naming the closest module names, and
     ``ConfigError`` if the adapters cannot fit in the device's memory.
 
+    ``init`` "pissa", "pissa_niter_K", "olora" or "loftq" start A and B from each base weight
+    and rewrite that weight (``lorakit/layers/init.py`` has the math): the layer computes the
+    base's output at step 0 all the same. LoftQ needs a full-precision base and quantizes the
+    adapted layers itself (NF4, double quantization, blocks of 64); PiSSA and OLoRA on a
+    quantized base quantize the residual again, from the dequantized W (as PEFT does: the two
+    roundings add up); ``quantize_base=True`` on a full-precision base quantizes the residual
+    of the full-precision W as LoftQ does (QPiSSA as its paper makes it). ``save_adapter``
+    converts such an adapter to a plain LoRA of the untouched base; ``remove_lora`` and
+    ``delete_adapter`` give a float base its original weights back (a quantized residual cannot
+    be: they refuse).
+
     All or nothing: if anything fails on the way (an allocation, a switch refused at the end),
     every module replaced is put back, every adapter added is dropped and every
     ``requires_grad`` flag restored before the error propagates.
@@ -171,6 +185,13 @@ def apply_lora(
         raise AdapterError(f"the model already has an adapter named {adapter_name!r}")
     _refuse_unbuilt(config)
     the_plan = plan(model, config)
+    if quantize_base and not config.changes_base:
+        raise ConfigError(
+            f"quantize_base=True is for inits that rewrite the base, not init={config.init!r}; "
+            "quantize the model with lorakit.quantize before apply_lora instead"
+        )
+    if config.changes_base:
+        check_base_init(model, the_plan, config, quantize_base)
     check_memory(model, the_plan, adapter_dtype)
     undo = _Undo(model)
     adapters = registry(model, create=True)
@@ -179,6 +200,12 @@ def apply_lora(
             root, new_layers = _inject(
                 model, the_plan, config, adapter_name, adapter_dtype, undo, adapters.table
             )
+            if config.changes_base:
+                for layer in new_layers:
+                    saved = base_init.initialise(
+                        layer, adapter_name, config.init, config.loftq_iter, quantize_base
+                    )
+                    undo.base(layer, adapter_name, saved)
             _set_trainable(root, config, adapter_name, new_layers)
             move_registry(model, root)
             adapters.set(adapter_name, config)
@@ -191,7 +218,7 @@ def apply_lora(
 
 def _refuse_unbuilt(config: LoraConfig) -> None:
     """Variants the config names but the layers do not compute yet: an error, never ignored."""
-    unbuilt = {"init": config.changes_base}
+    unbuilt: dict[str, bool] = {}  # every variant the config names is computed now
     problems = [f"{key}={getattr(config, key)!r}" for key, on in unbuilt.items() if on]
     if problems:
         raise ConfigError(f"{', '.join(problems)}: not available in this version of lorakit")
@@ -213,6 +240,9 @@ class _Undo:
 
     def rollback(self) -> None:
         for kind, module, *rest in reversed(self.steps):
+            if kind == "base":
+                base_init.put_back(module, *rest)
+                continue
             if kind == "drop":
                 module.delete_adapter(rest[0])
                 continue
@@ -235,6 +265,10 @@ class _Undo:
 
     def drop(self, module: nn.Module, adapter_name: str) -> None:
         self.steps.append(("drop", module, adapter_name))
+
+    def base(self, layer: nn.Module, adapter_name: str, saved) -> None:
+        """A base-changing init rewrote ``layer``'s weight: ``saved`` puts it back."""
+        self.steps.append(("base", layer, adapter_name, saved))
 
 
 def _inject(model, the_plan, config, adapter_name, adapter_dtype, undo: _Undo, table):
@@ -328,12 +362,22 @@ def active_adapter(model: nn.Module) -> str | None:
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
-    """Remove an adapter and free its parameters; layers left with no adapter become plain again."""
+    """Remove an adapter and free its parameters; layers left with no adapter become plain again.
+
+    An adapter whose init rewrote the base (PiSSA, OLoRA) gives the original weight back,
+    W_res + s B₀ A₀ (exact to float rounding); one that left a quantized residual (QPiSSA,
+    LoftQ) cannot, and is refused (``merge_and_unload`` gives the trained model instead).
+    """
     adapters = registry(model)
     adapters.require(adapter_name)
+    check_restorable(model, [adapter_name], "delete_adapter")
     root = model
     for path, module in list(wrapper_modules(model)):
         if adapter_name in module.adapter_names:
+            if base_init.base_change(module, adapter_name) is not None:
+                if adapter_name in module.merged_adapters:
+                    raise MergeError(f"{path}: adapter {adapter_name!r} is merged; unmerge first")
+                base_init.restore(module, adapter_name)
             module.delete_adapter(adapter_name)
         if not module.adapter_names:
             if not path:
@@ -515,9 +559,18 @@ def merge_and_unload(
 
 
 def remove_lora(model: nn.Module) -> nn.Module:
-    """Remove every adapter (unmerging first) and give back the base model's own modules."""
+    """Remove every adapter (unmerging first) and give back the base model's own modules.
+
+    Layers whose base a PiSSA or OLoRA init rewrote get their original weight back; a quantized
+    residual (QPiSSA, LoftQ) cannot be undone, and is refused before anything changes.
+    """
+    check_restorable(model, list(registry(model).configs), "remove_lora")
     unmerge(model)
     set_adapter(model, None)
+    for _, layer in lora_layers(model):
+        for name in list(layer.records):
+            if base_init.base_change(layer, name) is not None:
+                base_init.restore(layer, name)
     return _unload(model)
 
 

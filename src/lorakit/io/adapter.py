@@ -6,6 +6,9 @@ all load it. The safetensors metadata adds lorakit's records, which PEFT ignores
 ``lorakit.version``, ``lorakit.fingerprint`` (the base model, see ``fingerprint``) and, for
 fused-slice adapters only, ``lorakit.config`` (the lorakit config, which PEFT's keys cannot say).
 
+An adapter whose init rewrote the base (PiSSA, OLoRA) is saved as the plain LoRA of the original
+base it equals; see ``init_conversion``.
+
 Loading is strict: every tensor the adapter needs must be in the file with its shape, every
 tensor in the file must belong somewhere, and every floating-point value must be finite (a NaN or
 an infinity would make the model output NaN); otherwise one ``AdapterFileError`` lists them all
@@ -40,6 +43,7 @@ from ..model import (
 from ..targeting import plan, suffix_match
 from . import fingerprint as fp
 from . import safety
+from .init_conversion import converted, init_on_load
 from .peft_format import PREFIX, TASK_MODULES, Slot, peft_config_dict, slots
 
 CONFIG_FILE = "adapter_config.json"
@@ -106,6 +110,8 @@ def adapter_contents(
             tensor = tensor.clone()
         seen.add(tensor.data_ptr())
         tensors[key] = tensor
+    if config.changes_base and config.init != "loftq":
+        peft_dict = converted(model, adapter_name, config, peft_dict, required, tensors, gather)
     if fingerprint is None:
         fingerprint = fp.fingerprint(model, [p for p, _ in layers])
     metadata = {"format": "pt", VERSION_KEY: __version__, fp.METADATA_KEY: fp.dumps(fingerprint)}
@@ -307,6 +313,7 @@ def attach_adapter(
     path = file.directory
     config = file.lora_config()
     config = _without_absent_task_modules(config, model, file.config.get("task_type"))
+    config = init_on_load(model, config, path)
     _check_base(model, file, allow_base_mismatch)
     existing = adapter_configs(model).get(adapter_name)
     if existing is not None:

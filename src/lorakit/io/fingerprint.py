@@ -18,6 +18,11 @@ A quantized base (``lorakit.quant``) is hashed by its packed codes and its ``dty
 quantization type (``"nf4"``); its weights are not compared with a float base's, so a QLoRA adapter
 loads onto the full-precision model it was quantized from (to merge it there).
 
+An init that rewrites the base (PiSSA, OLoRA: ``lorakit/layers/init.py``) keeps a sample of the
+original weight taken before the rewrite, and the fingerprint uses it: the adapter is saved as a
+plain LoRA of that original base, and its file names it. LoftQ's sample is of the 4-bit base it
+made (its adapter is for that base).
+
 PEFT writes no fingerprint; such files load without the check. A fingerprint that is present but
 cannot be read (not JSON, nested too deep, a field of the wrong type such as a module's shape given
 as a number) is not treated as absent: :func:`loads` raises an ``AdapterFileError`` naming the
@@ -38,9 +43,10 @@ from torch import nn
 
 from ..errors import AdapterFileError
 from ..layers import LoraLayer
+from ..layers import init as base_init
 from . import safety
 
-SAMPLE = 1024  # weight values sampled per module
+SAMPLE = base_init.SAMPLE  # weight values sampled per module
 METADATA_KEY = "lorakit.fingerprint"
 
 
@@ -63,12 +69,16 @@ def fingerprint(model: nn.Module, paths: Iterable[str]) -> dict[str, Any]:
             readable = False
             continue
         modules[path] = list(weight.shape)
+        change = base_init.base_change(module) if isinstance(module, LoraLayer) else None
+        if change is not None:  # the base before its init rewrote it
+            dtype = dtype or change.kind
+            samples.append(change.sample)
+            continue
         dtype = dtype or kind
         merged = isinstance(module, LoraLayer) and module.merged_adapters
         readable = readable and not merged and not values.is_meta
         if readable:
-            flat = values.detach().reshape(-1)
-            samples.append(flat[:: max(1, flat.numel() // SAMPLE)][:SAMPLE].cpu())
+            samples.append(base_init.sample_of(values))
     weights = None
     if readable:
         digest = hashlib.sha256(json.dumps(modules, sort_keys=True).encode())
@@ -83,15 +93,7 @@ def fingerprint(model: nn.Module, paths: Iterable[str]) -> dict[str, Any]:
     }
 
 
-def _weight_values(weight: Any) -> tuple[torch.Tensor | None, str]:
-    """(tensor to sample, dtype name): a float weight itself, or a quantized weight's packed codes
-    (``lorakit.quant``'s ``QuantizedWeight``, recognised by its attributes) named by its type."""
-    if isinstance(weight, torch.Tensor):
-        return weight, str(weight.dtype).removeprefix("torch.")
-    packed = getattr(weight, "packed", None)
-    if isinstance(packed, torch.Tensor) and getattr(weight, "quant_type", None):
-        return packed, str(weight.quant_type)
-    return None, ""
+_weight_values = base_init.fingerprint_values  # (tensor to sample, dtype name)
 
 
 def _quantized(fp: dict[str, Any]) -> bool:
