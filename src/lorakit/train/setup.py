@@ -243,7 +243,10 @@ def prepare_model(
     a many-adapter run's, each applied under its own name with the random generator seeded
     afresh, so that its A matrices are the ones its own run alone starts from."""
     method = cfg.training.method
-    if method == "qlora":
+    # LoftQ, and PiSSA/OLoRA on a 4-bit base (QPiSSA), start from the full-precision weights:
+    # the init quantizes the residuals of the layers it adapts, then the rest is quantized.
+    from_full = method == "qlora" and not adapters and cfg.lora.changes_base
+    if method == "qlora" and not from_full:
         from ..quant import quantize
 
         model = quantize(model, "nf4", double_quant=True)
@@ -252,7 +255,9 @@ def prepare_model(
             torch.manual_seed(cfg.training.seed)
             model = apply_lora(model, adapter.lora, adapter.name)
     elif method in ("lora", "qlora"):
-        model = apply_lora(model, cfg.lora)
+        model = apply_lora(model, cfg.lora, quantize_base=from_full)
+        if from_full:
+            model = _quantize_rest(model)
     else:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -262,6 +267,18 @@ def prepare_model(
         # non-reentrant checkpointing back-propagates into adapters even when the inputs of a
         # checkpointed block (the frozen embeddings' output) need no gradient
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def _quantize_rest(model: nn.Module) -> nn.Module:
+    """``method: qlora``'s quantization of the linear layers an init left in full precision
+    (all but the output head, as ``quantize`` does), if there are any."""
+    from ..quant import quantize
+
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    if any(type(m) is nn.Linear and m is not head for m in model.modules()):
+        model = quantize(model, "nf4", double_quant=True)
     return model
 
 
