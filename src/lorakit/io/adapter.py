@@ -111,7 +111,7 @@ def adapter_contents(
         seen.add(tensor.data_ptr())
         tensors[key] = tensor
     if config.changes_base and config.init != "loftq":
-        peft_dict = converted(model, adapter_name, config, peft_dict, required, tensors, gather)
+        peft_dict = converted(model, adapter_name, config, peft_dict, required, tensors)
     if fingerprint is None:
         fingerprint = fp.fingerprint(model, [p for p, _ in layers])
     metadata = {"format": "pt", VERSION_KEY: __version__, fp.METADATA_KEY: fp.dumps(fingerprint)}

@@ -34,10 +34,11 @@ from ..model import lora_layers
 from ..targeting import plan
 
 
-def converted(model, adapter_name, config, peft_dict, required, tensors, gather) -> dict:
+def converted(model, adapter_name, config, peft_dict, required, tensors) -> dict:
     """A base-changing adapter as the plain LoRA of the original base it equals (module
-    docstring): its A and B replaced by [A ; A₀] and [B | -B₀], the config's ranks doubled and
-    alphas scaled to keep each scale."""
+    docstring): its A and B in ``tensors`` (as written: whole, on the CPU, gathered under FSDP)
+    replaced by [A ; A₀] and [B | -B₀], the config's ranks doubled and alphas scaled to keep
+    each scale. Returns the config's PEFT dict for the file."""
     layers = dict(lora_layers(model))
     for key, slot in required.items():
         if slot.role not in ("lora_A", "lora_B"):
@@ -48,9 +49,9 @@ def converted(model, adapter_name, config, peft_dict, required, tensors, gather)
                 f"{slot.module}: adapter {adapter_name!r} (init={config.init!r}) has no record "
                 "of how it started here, so it cannot be converted to a plain LoRA"
             )
-        a, b = base_init.converted(layer, adapter_name)
-        tensor = a if slot.role == "lora_A" else b
-        tensors[key] = (gather(tensor) if gather is not None else tensor).contiguous().cpu()
+        tensors[key] = base_init.converted(
+            tensors[key], layer, adapter_name, slot.role == "lora_A"
+        ).contiguous()
     factor = math.sqrt(2) if config.use_rslora else 2
     data = dict(peft_dict, init_lora_weights=True, r=2 * peft_dict["r"])
     data["lora_alpha"] = peft_dict["lora_alpha"] * factor

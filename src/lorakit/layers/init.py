@@ -310,13 +310,14 @@ def forget(layer: nn.Module, name: str) -> None:
             del layer._modules["lora_initial"]
 
 
-def converted(layer: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A' (2r, in), B' (out, 2r)): the trained adapter as a plain LoRA of the original base.
+def converted(tensor: torch.Tensor, layer: nn.Module, name: str, is_a: bool) -> torch.Tensor:
+    """A' = [A ; A₀] (2r, in) for ``is_a``, else B' = [B | -B₀] (out, 2r): the trained adapter
+    (``tensor``, its A or B as written to a file) as a plain LoRA of the original base.
 
-    W + s B' A' = W_res + s B A, since W = W_res + s B₀ A₀ and B' A' = B A - B₀ A₀ with
-    A' = [A; A₀] and B' = [B | -B₀] (PEFT's ``subtract_mutated_init``); the scale is kept, the
-    rank doubles.
+    W + s B' A' = W_res + s B A, since W = W_res + s B₀ A₀ and B' A' = B A - B₀ A₀ (PEFT's
+    ``subtract_mutated_init``); the scale is kept, the rank doubles.
     """
     keep = base_change(layer, name)
-    a, b = layer._A[name].detach(), layer._B[name].detach()
-    return torch.cat([a, keep.a0.to(a.dtype)], 0), torch.cat([b, -keep.b0.to(b.dtype)], 1)
+    if is_a:
+        return torch.cat([tensor, keep.a0.to(tensor.device, tensor.dtype)], 0)
+    return torch.cat([tensor, -keep.b0.to(tensor.device, tensor.dtype)], 1)
