@@ -313,9 +313,10 @@ class Engine:
         chosen: list[tuple[Request, int]] = []
         rows, width = len(self.running), 0
         for request in list(self.waiting):
-            if request.cancelled.is_set():
+            if request.cancelled.is_set():  # its client left before it had a row
                 self.waiting.remove(request)
                 self._release(request)
+                self.stats["cancelled"] += 1
                 continue
             state = self._admissible(request)
             if state == "failed":
