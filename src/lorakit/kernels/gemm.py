@@ -1,0 +1,177 @@
+"""The one tiled GEMM the kernels launch: a base product, a low-rank epilogue, a 4-bit weight.
+
+    out (M, N) = acc + x (M, K) · W (K, N) + bias (N) + s · L (M, R) · Rm (R, N)
+
+each term optional. ``W`` is a dense matrix or a 4-bit :class:`~lorakit.quant.QuantizedWeight`
+whose tiles are decoded from the codes as they are loaded (:func:`.nf4.quant_values`), so no
+weight-sized tensor is ever written; either W or Rm may be read transposed (``x Wᵀ`` for a
+forward pass, ``dy W`` for its backward). Each program owns one (BLOCK_M, BLOCK_N) tile of the
+output: it walks K in BLOCK_K steps for the base product, then R in BLOCK_R steps for the
+low-rank product (the *epilogue*: the second GEMM of LoRA runs in the same program, on the tile
+still in registers, instead of re-reading a finished output), and writes the tile once, rounded
+once to the output dtype. Sums are float32.
+
+Used as: the shrink ``x Aᵀ`` (M, r) (W = A, no epilogue); the fused forward
+``x Wᵀ + bias + s (x Aᵀ) Bᵀ``; the backward ``dy W + s (dy B) A``; and ``out + s (x Aᵀ) Bᵀ``
+on a base output computed elsewhere (``acc``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..errors import AdapterError
+from ..quant.weight import QuantizedWeight
+from ._util import block, dot_f32, store_as, to_dtype
+from .nf4 import quant_values, weight_args
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_F32: tl.constexpr, IEEE: tl.constexpr):
+    if DOT_F32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _gemm_kernel(
+    x_ptr, w_ptr, packed_ptr, code_ptr, absmax_ptr, nested_ptr, nested_code_ptr, offset,
+    l_ptr, r_ptr, bias_ptr, acc_ptr, out_ptr,
+    M, N, K, R, scale,
+    stride_wk, stride_wn, stride_rr, stride_rn,
+    BLOCKSIZE: tl.constexpr, DOUBLE: tl.constexpr, HAS_OFFSET: tl.constexpr,
+    HAS_BASE: tl.constexpr, QUANT: tl.constexpr, HAS_LORA: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_ACC: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = rm < M
+    mask_n = rn < N
+    mask = mask_m[:, None] & mask_n[None, :]
+    tile = rm[:, None] * N + rn[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_ACC:
+        acc += tl.load(acc_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BASE:
+        base = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            mask_k = rk < K
+            xt = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=mask_m[:, None] & mask_k)
+            widx = rk[:, None] * stride_wk + rn[None, :] * stride_wn  # (BLOCK_K, BLOCK_N)
+            wmask = mask_k[:, None] & mask_n[None, :]
+            if QUANT:  # decoded from the codes, rounded to x's dtype as dequantize(dtype) does
+                wt = quant_values(
+                    widx, wmask, packed_ptr, code_ptr, absmax_ptr, nested_ptr, nested_code_ptr,
+                    offset, BLOCKSIZE, DOUBLE, HAS_OFFSET,
+                )  # fmt: skip
+                wt = to_dtype(wt, x_ptr.dtype.element_ty)
+            else:
+                wt = tl.load(w_ptr + widx, mask=wmask, other=0.0)
+            base = _dot(xt, wt, base, DOT_F32, IEEE)
+        acc += base
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if HAS_LORA:  # the epilogue: s · L Rm on the tile still held
+        low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            rr = r0 + tl.arange(0, BLOCK_R)
+            mask_r = rr < R
+            lt = tl.load(l_ptr + rm[:, None] * R + rr[None, :], mask=mask_m[:, None] & mask_r)
+            ridx = rr[:, None] * stride_rr + rn[None, :] * stride_rn
+            rt = tl.load(r_ptr + ridx, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+            low = _dot(lt, rt, low, DOT_F32, IEEE)
+        acc += scale * low
+    store_as(out_ptr + tile, acc, mask)
+
+
+def _strides(rows_cols: tuple[int, int], transposed: bool) -> tuple[int, int]:
+    """(stride along the reduced axis, stride along the output axis) of a row-major matrix read
+    as itself (K, N) or transposed ((N, K) read as its transpose)."""
+    return (1, rows_cols[1]) if transposed else (rows_cols[1], 1)
+
+
+def gemm(
+    x: torch.Tensor | None,
+    weight: torch.Tensor | QuantizedWeight | None,
+    *,
+    transpose: bool = True,
+    low: torch.Tensor | None = None,
+    right: torch.Tensor | None = None,
+    right_transpose: bool = True,
+    scale: float = 1.0,
+    bias: torch.Tensor | None = None,
+    acc: torch.Tensor | None = None,
+    n: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``acc + x·op(W) + bias + scale · low·op(right)`` as a new (M, N) tensor; see the module.
+
+    ``x`` (M, K), ``low`` (M, R) and ``acc`` (M, N) are 2-D; ``op(W)`` is ``Wᵀ`` for a weight
+    stored (N, K) (``transpose=True``, a linear layer's layout) or W stored (K, N); likewise
+    ``right``. Output dtype: ``dtype``, else x's, else low's.
+    """
+    first = x if x is not None else low if low is not None else acc
+    m = first.shape[0]
+    if weight is not None:
+        rows_cols = tuple(weight.shape)
+        n = n or rows_cols[0 if transpose else 1]
+        k = rows_cols[1 if transpose else 0]
+        if x is None or x.shape[1] != k:
+            raise AdapterError(f"gemm: x {tuple(x.shape)} does not reduce with W {rows_cols}")
+    else:
+        k = 0
+    r = 0
+    if low is not None:
+        r_shape = tuple(right.shape)
+        n = n or r_shape[0 if right_transpose else 1]
+        r = low.shape[1]
+        if r_shape[1 if right_transpose else 0] != r:
+            raise AdapterError(f"gemm: low {tuple(low.shape)} does not reduce with {r_shape}")
+    n = n or acc.shape[1]
+    out = torch.empty((m, n), dtype=dtype or first.dtype, device=first.device)
+    if m == 0 or n == 0:
+        return out.zero_() if acc is None else out.copy_(acc)
+    quant = isinstance(weight, QuantizedWeight)
+    dummy = out
+    if quant:
+        q_tensors, consts = weight_args(weight)
+    else:  # unused pointers and constants of the 4-bit branch
+        q_tensors = (dummy, dummy, dummy, dummy, dummy, 0.0)
+        consts = dict(BLOCKSIZE=64, DOUBLE=False, HAS_OFFSET=False)
+    w_strides = _strides(rows_cols, transpose) if weight is not None else (0, 0)
+    r_strides = _strides(tuple(right.shape), right_transpose) if low is not None else (0, 0)
+    compute = x.dtype if x is not None else low.dtype if low is not None else out.dtype
+    block_m, block_n = block(m, hi=64), block(n, hi=64)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    _gemm_kernel[grid](
+        _c(x, dummy), dummy if quant or weight is None else weight.contiguous(), *q_tensors,
+        _c(low, dummy), _c(right, dummy), _c(bias, dummy), _c(acc, dummy), out,
+        m, n, k, r, float(scale), *w_strides, *r_strides, **consts,
+        HAS_BASE=weight is not None, QUANT=quant, HAS_LORA=low is not None,
+        HAS_BIAS=bias is not None, HAS_ACC=acc is not None, DOT_F32=dot_f32(),
+        IEEE=compute == torch.float32,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block(k, hi=64), BLOCK_R=block(r, hi=64),
+        enable_fp_fusion=not quant,
+    )  # fmt: skip
+    return out
+
+
+def _c(t: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
+    return dummy if t is None else t.contiguous()
+
+
+def linear(
+    x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``F.linear(x, W, bias)`` for x of any leading shape; W dense (N, K) or 4-bit."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = gemm(flat, weight, transpose=True, bias=bias)
+    return out.view(*x.shape[:-1], out.shape[-1])
