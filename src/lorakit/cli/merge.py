@@ -9,6 +9,12 @@ model's id, or a hub id found in the local Hugging Face cache (nothing is downlo
 
 OUT receives safetensors shards, config.json and the tokenizer files; transformers'
 from_pretrained loads it without lorakit, and its outputs equal the base with the adapter.
+
+A BASE directory of safetensors files (model.safetensors, or shards and their index) is merged
+shard by shard from the files, without loading the model: the memory held is about one adapted
+weight plus the adapter, so a base larger than memory merges too. The shards keep the base's
+split and each tensor its stored dtype (--dtype casts them; --max-shard-size does not apply).
+--in-memory loads the model instead (any other BASE is always loaded).
 """
 
 from __future__ import annotations
@@ -36,7 +42,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--dtype", default=None, help="dtype of the written weights (default: the base's own)"
     )
-    parser.add_argument("--max-shard-size", default="2GB", help="largest shard (default: 2GB)")
+    parser.add_argument(
+        "--max-shard-size",
+        default="2GB",
+        help="largest shard when the model is loaded (default: 2GB)",
+    )
+    parser.add_argument(
+        "--in-memory",
+        action="store_true",
+        help="load the base model and merge it in memory, even for a safetensors directory",
+    )
     parser.add_argument(
         "--allow-base-mismatch",
         action="store_true",
@@ -52,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
     from ..io.base_models import adapter_base
     from ..io.export import export_merged
+    from ..io.merge_shards import is_sharded_base, merge_shards
 
     if len(args.paths) not in (2, 3):
         raise ConfigError(f"expected [BASE] ADAPTER OUT, got {len(args.paths)} path(s)")
@@ -61,19 +77,19 @@ def run(args: argparse.Namespace) -> int:
             adapter, "pass the base model explicitly: lorakit merge BASE ADAPTER OUT"
         )
     start = time.perf_counter()
-    target = export_merged(
-        base,
-        adapter,
-        out,
-        dtype=args.dtype,
-        overwrite=args.overwrite,
-        allow_base_mismatch=args.allow_base_mismatch,
-        max_shard_size=args.max_shard_size,
+    options = dict(
+        dtype=args.dtype, overwrite=args.overwrite, allow_base_mismatch=args.allow_base_mismatch
     )
+    by_shard = not args.in_memory and is_sharded_base(base)
+    if by_shard:
+        target = merge_shards(base, adapter, out, **options)
+    else:
+        target = export_merged(base, adapter, out, max_shard_size=args.max_shard_size, **options)
     files = sorted(p for p in Path(target).iterdir() if p.is_file())
     size = sum(p.stat().st_size for p in files) / 2**20
     print(
         f"merged {adapter} into {base or 'default'}: {target} ({len(files)} files, "
         f"{size:.1f} MiB) in {time.perf_counter() - start:.1f} s"
+        + (", shard by shard" if by_shard else ", in memory")
     )
     return 0
