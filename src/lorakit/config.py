@@ -9,6 +9,7 @@ from the keys of PEFT's ``adapter_config.json``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 import warnings
@@ -385,6 +386,46 @@ class LoraConfig:
             return cls(**mapped)
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
+
+
+class UnknownFieldError(ConfigError, TypeError):
+    """``LoraConfig`` was given a keyword it has no field for (a ``TypeError``, as Python raises
+    for any unexpected keyword, and a ``ConfigError``)."""
+
+
+# PEFT's names for lorakit's fields: given to LoraConfig, the error names lorakit's field.
+PEFT_FIELD_NAMES = {
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "init_lora_weights": "init",
+    "layers_to_transform": "layers",
+}
+_FIELDS = tuple(f.name for f in dataclasses.fields(LoraConfig))
+_dataclass_init = LoraConfig.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _checked_init(self, *args: Any, **kwargs: Any) -> None:
+    unknown = [key for key in kwargs if key not in _FIELDS]
+    if unknown:
+        named = []
+        for key in unknown:
+            if key in PEFT_FIELD_NAMES:
+                named.append(
+                    f"{key!r} is PEFT's name: lorakit's field is {PEFT_FIELD_NAMES[key]!r}"
+                )
+            elif key in _PEFT_BOOKKEEPING or key in _PEFT_UNSUPPORTED_WHEN_SET:
+                named.append(
+                    f"{key!r} is a PEFT field lorakit has no equivalent for (apply_lora also "
+                    "takes a peft.LoraConfig, and converts what it can)"
+                )
+            else:
+                named.append(f"{key!r} is not a field")
+        raise UnknownFieldError(f"LoraConfig: {'; '.join(named)}. Fields: {', '.join(_FIELDS)}")
+    _dataclass_init(self, *args, **kwargs)
+
+
+LoraConfig.__init__ = _checked_init  # the dataclass's __init__, with the unknown keywords named
 
 
 def _rebuild(fields: dict[str, Any]) -> LoraConfig:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -146,7 +147,7 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
 
 def apply_lora(
     model: nn.Module,
-    config: LoraConfig,
+    config: LoraConfig | Any,
     adapter_name: str = "default",
     *,
     adapter_dtype: torch.dtype | None = None,
@@ -179,8 +180,15 @@ def apply_lora(
     All or nothing: if anything fails on the way (an allocation, a switch refused at the end),
     every module replaced is put back, every adapter added is dropped and every
     ``requires_grad`` flag restored before the error propagates.
+
+    ``config`` may also be a ``peft.LoraConfig``: it is converted as PEFT's adapter files are
+    (``lorakit.integrations.peft_config``), PEFT features lorakit lacks refused by name. On a
+    transformers model, ``model.save_pretrained``, ``model.set_adapter`` and
+    ``model.active_adapters`` then work with lorakit's adapters
+    (``lorakit.integrations.transformers_methods``).
     """
     check_adapter_name(adapter_name)
+    config = _lorakit_config(config, model)
     if adapter_name in registry(model).configs:
         raise AdapterError(f"the model already has an adapter named {adapter_name!r}")
     _refuse_unbuilt(config)
@@ -213,7 +221,24 @@ def apply_lora(
     except BaseException:
         undo.rollback()
         raise
+    from .integrations import transformers_methods  # the bridge to transformers' own methods
+
+    transformers_methods.install(root)
     return root
+
+
+def _lorakit_config(config: Any, model: nn.Module) -> LoraConfig:
+    """lorakit's config as given, or converted from PEFT's config object."""
+    if isinstance(config, LoraConfig):
+        return config
+    from .integrations import peft_config
+
+    if peft_config.is_peft_config(config):
+        return peft_config.from_peft_config(config, model)
+    raise ConfigError(
+        f"apply_lora: config is a {type(config).__module__}.{type(config).__qualname__}; "
+        "expected a lorakit.LoraConfig (or a peft.LoraConfig)"
+    )
 
 
 def _refuse_unbuilt(config: LoraConfig) -> None:
