@@ -238,3 +238,43 @@ def add_mixed(
         )
     segs = segments(token_map.to(x.device), len(packed))
     return _Mixed.apply(x.contiguous(), out.contiguous(), packed, segs)
+
+
+def add_rows(layer, x: torch.Tensor, out: torch.Tensor, table, slots: torch.Tensor) -> torch.Tensor:
+    """The stacked mixed-batch update of a linear-like LoRA layer (``lorakit.layers.rows``) by
+    the kernels: row i adds the adapter of slot ``slots[i]`` (slot 0, the base, adds nothing).
+
+    x (rows, ..., K), out (rows, ..., N). The layer's adapters are packed in the table's slot
+    order (absent ones with rank 0) and kept while no adapter tensor changes, as the eager stack
+    is.
+    """
+    packed = _packed_for(layer, table)
+    rows = x.shape[0]
+    flat_x = x.reshape(-1, x.shape[-1])
+    per_row = flat_x.shape[0] // rows
+    token_map = (slots.to(x.device) - 1).repeat_interleave(per_row)  # slot 0 -> -1
+    y = add_mixed(flat_x, out.reshape(-1, out.shape[-1]), packed, token_map)
+    return y.view(out.shape)
+
+
+def _packed_for(layer, table) -> Packed:
+    params = [*layer._A.values(), *layer._B.values()]
+    key = (
+        table.names,
+        tuple((id(p), p.data_ptr(), p._version) for p in params),
+        tuple(r.scale for r in layer.records.values()),
+    )
+    cached = getattr(layer, "_packed_cache", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    with torch.no_grad():
+        packed = pack(
+            [
+                (layer._A[n], layer.effective_B(n), layer.records[n].scale)
+                if n in layer.records
+                else None
+                for n in table.names
+            ]
+        )
+    layer._packed_cache = (key, packed)
+    return packed

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from ..errors import QuantError
 from ..quant.codebooks import FOUR_BIT
@@ -126,13 +127,38 @@ def dequantize(weight: QuantizedWeight, dtype: torch.dtype | None = None) -> tor
     return out
 
 
+class _DequantizedMatmul(torch.autograd.Function):
+    """``x Wᵀ + bias`` on the codes; backward ``dx = dy W`` decodes the tiles again (nothing
+    weight-sized is kept, as ``lorakit.quant.linear`` does with whole weights)."""
+
+    @staticmethod
+    def forward(ctx, x, bias, weight):
+        from .gemm import gemm
+
+        ctx.weight = weight
+        return gemm(x, weight, bias=bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        from .gemm import gemm
+
+        dy = dy.contiguous()
+        grad_x = gemm(dy, ctx.weight, transpose=False) if ctx.needs_input_grad[0] else None
+        grad_bias = dy.sum(0) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_bias, None
+
+
 def dequantize_matmul(
     x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``x Wᵀ + bias`` with W read from its 4-bit codes tile by tile (never dense), computed in
-    ``weight.compute_dtype`` and returned in ``x``'s dtype, as ``quantized_linear`` does."""
-    from .gemm import linear
-
+    ``weight.compute_dtype`` and returned in ``x``'s dtype, as ``quantized_linear`` does;
+    differentiable in x and bias."""
     dtype = weight.compute_dtype
-    out = linear(x.to(dtype), weight, None if bias is None else bias.to(dtype))
+    if bias is not None and bias.dtype != dtype:
+        bias = bias.to(dtype)
+    flat = x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
+    out = _DequantizedMatmul.apply(flat, bias, weight)
+    out = out.view(*x.shape[:-1], out.shape[-1])
     return out if out.dtype == x.dtype else out.to(x.dtype)
