@@ -37,7 +37,7 @@ BAD_NAMES = ["../x", "a.b", "", "a b", "-x", "x/y", 3, None]
 BIG, BIG_R = 4096, 8
 BIG_LINE = "trainable 65,536 / 16,842,752 (0.39%)"
 BIG_LINE_WITH_BIAS = "trainable 65,536 / 16,846,848 (0.39%)"
-OPTIONAL_BACKENDS = ("transformers", "peft", "bitsandbytes")
+OPTIONAL_BACKENDS = ("transformers", "peft", "bitsandbytes", "triton")
 
 
 class TinyNet(nn.Module):

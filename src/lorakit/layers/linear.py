@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..errors import AdapterError
 from ..quant import QuantizedWeight, QuantLinear, quantized_linear
 from .base import LoraLayer
@@ -35,8 +36,13 @@ def _add_low_rank(
     Many tokens: the add and the scale are fused into the second GEMM (``addmm`` with beta=1), so
     the output is read once. Few tokens (decoding): ``out.add_(x Aᵀ Bᵀ, alpha=s)``, the fewest
     dispatches and no new output; in mixed precision the add runs in the adapter's dtype and
-    rounds once into ``out``'s.
+    rounds once into ``out``'s. With kernels switched on (``lorakit.kernels``) a fused Triton
+    kernel computes the same sum.
     """
+    if kernels.wanted(x):
+        from ..kernels.lora_linear import lora_add
+
+        return lora_add(x, out, a, b, s)
     if x.dtype != a.dtype:
         x = x.to(a.dtype)
     xa = F.linear(x, a)  # (..., r)
@@ -179,6 +185,10 @@ class LoraLinear(_LinearLike):
     def base_forward(self, x):
         weight = self.weight
         if isinstance(weight, QuantizedWeight):  # the one branch a quantized base needs
+            if kernels.wanted(x) and weight.quant_type != "int8":  # 4-bit codes read per tile
+                from ..kernels.nf4 import dequantize_matmul
+
+                return dequantize_matmul(x, weight, self.bias)
             return quantized_linear(x, weight, self.bias)
         return F.linear(x, weight, self.bias)
 

@@ -28,6 +28,7 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from .. import kernels
 from ..errors import AdapterError, MergeError
 
 
@@ -188,6 +189,10 @@ class MixedRows:
             keep = 1.0 - probs.view(-1, *([1] * (x.dim() - 1)))
             mask = torch.rand_like(x, dtype=torch.float32) < keep
             x = x * mask.to(x.dtype) / keep.to(x.dtype)
+        if self.linear_like and kernels.wanted(x) and not self._trains_adapters():
+            from ..kernels.mixed import add_rows as kernel_rows  # SGMV, adapters unpadded
+
+            return kernel_rows(self, x, out, table, slots)
         a, b = self.stacked(table)
         if a.requires_grad or torch.compiler.is_compiling():  # gathered afresh, differentiable
             return self.rows_forward(x, out, a[slots], b[slots], slots)
@@ -201,6 +206,9 @@ class MixedRows:
         picks = a[slots], b[slots]
         plan.picks[id(self)] = (a, *picks) if seen else (a, None, None)
         return self.rows_forward(x, out, *picks, slots)
+
+    def _trains_adapters(self) -> bool:
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self._A.values())
 
     def _block_rows(self, x: torch.Tensor, out: torch.Tensor, groups, sizes) -> torch.Tensor:
         """Each adapter's rows a consecutive block: split into views, updated, joined."""
