@@ -17,6 +17,7 @@ from .errors import (
     TargetError,
 )
 from .io import (
+    export_gguf,
     export_merged,
     hotswap_adapter,
     inspect_adapter,
@@ -68,6 +69,7 @@ __all__ = [
     "count_parameters",
     "delete_adapter",
     "disable_adapters",
+    "export_gguf",
     "export_merged",
     "hotswap_adapter",
     "inspect_adapter",

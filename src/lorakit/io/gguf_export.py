@@ -91,7 +91,7 @@ def recorded_base(adapter: str | os.PathLike) -> str | None:
     """The base the adapter records, as :func:`gguf_base` reads it (None: the embedded model)."""
     from .base_models import adapter_base
 
-    return adapter_base(adapter, "pass the base model with base= (--base): its directory or .gguf")
+    return adapter_base(adapter, "pass the base model (base=BASE): its directory or .gguf file")
 
 
 def gguf_lora_tensors(
@@ -158,8 +158,7 @@ def lora_factors(
     if not out and not problems:
         problems.append("it adapts no module")
     header = (
-        f"cannot export {file.directory} as a GGUF LoRA adapter for {base.source} ("
-        f"{MERGED_HINT})"
+        f"cannot export {file.directory} as a GGUF LoRA adapter for {base.source} ({MERGED_HINT})"
     )
     gather(problems, AdapterFileError, header)
     return out

@@ -29,7 +29,7 @@ from ..models import embedded_model_path, is_embedded
 from .adapter import read_adapter
 from .gguf_names import (
     GgufBase,
-    check_architecture,
+    base_from_config,
     gguf_base,
     gguf_name,
     heads_permuted,
@@ -157,16 +157,8 @@ def write_model_gguf(
     import gguf
 
     source = str(target)
-    arch = check_architecture((config.get("architectures") or ["(none)"])[0], source)
-    n_head = int(config["num_attention_heads"])
-    info = GgufBase(
-        source=source,
-        arch=arch,
-        n_layers=int(config["num_hidden_layers"]),
-        n_head=n_head,
-        n_head_kv=int(config.get("num_key_value_heads") or n_head),
-        tied=bool(config.get("tie_word_embeddings", False)),
-    )
+    info = base_from_config(dict(config), source)
+    arch, n_head = info.arch, info.n_head
     head_dim = int(config.get("head_dim") or config["hidden_size"] // n_head)
     rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
     rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -222,12 +214,16 @@ def add_bpe_vocab(writer, directory: Path) -> None:
         raise ConfigError(
             f"{path}: cannot read the tokenizer ({exc}); give the base's .gguf file as the base"
         ) from None
+    refused = ConfigError(
+        f"{path}: a {model.get('type')!r} tokenizer; only byte-level BPE tokenizers are "
+        "converted here, give the base's .gguf file as the base"
+    )
     if model.get("type") != "BPE":
-        raise ConfigError(
-            f"{path}: a {model.get('type')!r} tokenizer; only byte-level BPE tokenizers are "
-            "converted here, give the base's .gguf file as the base"
-        )
-    bpe = BpeVocab(directory)
+        raise refused
+    try:
+        bpe = BpeVocab(directory)
+    except (FileNotFoundError, TypeError, KeyError):  # gguf's reader: not byte-level
+        raise refused from None
     tokens, types = [], []
     for text, _score, kind in bpe.all_tokens():
         tokens.append(text)

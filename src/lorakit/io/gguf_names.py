@@ -79,11 +79,15 @@ def _from_config(path: Path) -> GgufBase:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{config_file}: cannot read the base's config: {exc}") from None
-    config = {**config, **config.get("text_config", {})}
-    arch = check_architecture((config.get("architectures") or ["(none)"])[0], str(config_file))
+    return base_from_config({**config, **config.get("text_config", {})}, str(path))
+
+
+def base_from_config(config: dict, source: str) -> GgufBase:
+    """The :class:`GgufBase` a transformers ``config.json`` (as a dict) describes."""
+    arch = check_architecture((config.get("architectures") or ["(none)"])[0], source)
     n_head = int(config["num_attention_heads"])
     return GgufBase(
-        source=str(path),
+        source=source,
         arch=arch,
         n_layers=int(config["num_hidden_layers"]),
         n_head=n_head,
