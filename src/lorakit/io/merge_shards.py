@@ -50,6 +50,7 @@ model directory is replaced only with ``overwrite=True``. The shards keep the ba
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -58,6 +59,7 @@ import os
 import shutil
 import struct
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +86,9 @@ _DTYPES = {
     "I32": torch.int32,
     "I16": torch.int16,
     "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
@@ -100,17 +105,14 @@ class Shard:
     metadata: dict[str, str]
     start: int  # where the data begins: 8 + the header's length
 
-    def dtype(self, name: str) -> torch.dtype:
-        code = self.entries[name]["dtype"]
-        if code not in _DTYPES:
-            raise ModelLoadError(
-                f"{self.path}: tensor {name} has dtype {code}, not one lorakit reads"
-            )
-        return _DTYPES[code]
+    def dtype(self, name: str) -> torch.dtype | None:
+        """The tensor's torch dtype; None for one torch has no name for (copied as bytes)."""
+        return _DTYPES.get(self.entries[name]["dtype"])
 
     def meta(self, name: str) -> torch.Tensor:
-        """The tensor's shape and dtype, with no storage."""
-        return torch.empty(self.entries[name]["shape"], dtype=self.dtype(name), device="meta")
+        """The tensor's shape and dtype (bytes for an unknown dtype), with no storage."""
+        kind = self.dtype(name) or torch.uint8
+        return torch.empty(self.entries[name]["shape"], dtype=kind, device="meta")
 
 
 def is_sharded_base(base: str | os.PathLike | None) -> bool:
@@ -157,7 +159,7 @@ def merge_shards(
     try:
         names = _output_names(len(shards), sharded=(root / INDEX).is_file())
         weight_map, total = {}, 0
-        with safety.os_errors(f"cannot write the merged model to {target}"):
+        with _write_errors(target):
             for shard, name in zip(shards, names, strict=True):
                 total += _write_shard(shard, staged / name, touched, merge_one, out_dtype)
                 weight_map.update(dict.fromkeys(shard.entries, name))
@@ -175,6 +177,19 @@ def merge_shards(
         if staged.exists():
             safety.discard(staged)
     return target
+
+
+@contextlib.contextmanager
+def _write_errors(target: Path) -> Iterator[None]:
+    """An ``OSError`` while writing as ``AdapterFileError`` naming ``target`` and the reason (no
+    space left, ...); a damaged base (``ModelLoadError``, itself an ``OSError``) as it is."""
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except OSError as exc:
+        reason = safety.reason(exc)
+        raise AdapterFileError(f"cannot write the merged model to {target}: {reason}") from None
 
 
 # -- reading the checkpoint -----------------------------------------------------------------------
@@ -355,7 +370,7 @@ def fingerprint_from_files(
             modules[path] = None
             continue
         name = f"{path}.weight"
-        entry, kind = shard.entries[name], shard.dtype(name)
+        entry, kind = shard.entries[name], shard.dtype(name) or torch.uint8
         modules[path] = list(entry["shape"])
         dtype = dtype or str(kind).removeprefix("torch.")
         numel = int(torch.Size(entry["shape"]).numel())
@@ -449,6 +464,8 @@ def _read_tensor(fd: int, shard: Shard, name: str) -> torch.Tensor:
     entry = shard.entries[name]
     begin, end = entry["data_offsets"]
     kind = shard.dtype(name)
+    if kind is None:
+        raise ModelLoadError(f"{shard.path}: {name} has dtype {entry['dtype']}, which torch lacks")
     if end == begin:
         return torch.empty(entry["shape"], dtype=kind)
     buffer = bytearray(end - begin)
