@@ -227,7 +227,10 @@ def test_a_damaged_base_is_a_clear_error_and_nothing_is_written(damage, tmp_path
 @pytest.mark.parametrize(
     "other, match",
     [
-        (dict(num_hidden_layers=3), r"model\.layers\.2\.mlp\.up_proj\.weight: targeted by the "),
+        (
+            dict(num_hidden_layers=3),
+            r"model\.layers\.2\.mlp\.up_proj\.weight: targeted by the adapter, in no shard",
+        ),
         (dict(intermediate_size=96), r"model\.layers\.0\.mlp\.up_proj: B A has shape \(96, 64\)"),
     ],
     ids=["module-not-in-base", "shape-mismatch"],

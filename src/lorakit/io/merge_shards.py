@@ -234,22 +234,14 @@ def read_checkpoint(root: Path) -> tuple[dict[str, Any], list[Shard]]:
             raise ModelLoadError(f"{index} lists the shard {name}, which is missing from {root}")
         shard = _read_shard(path)
         listed = {k for k, v in weight_map.items() if v == name}
-        if listed != set(shard.entries):
-            missing, extra = (
-                sorted(listed - set(shard.entries)),
-                sorted(set(shard.entries) - listed),
-            )
-            raise ModelLoadError(
-                f"{index} does not match {name}: "
-                + "; ".join(
-                    f"{what}: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
-                    for what, keys in (
-                        ("listed, not in the file", missing),
-                        ("in the file, not listed", extra),
-                    )
-                    if keys
+        for what, keys in (
+            ("listed, not in the file", sorted(listed - set(shard.entries))),
+            ("in the file, not listed", sorted(set(shard.entries) - listed)),
+        ):
+            if keys:
+                raise ModelLoadError(
+                    f"{index} does not match {name}: {what}: {', '.join(keys[:3])}"
                 )
-            )
         shards.append(shard)
     return config, shards
 
@@ -288,18 +280,15 @@ def _check(
     for name, param in model.named_parameters(remove_duplicate=False):
         ties.setdefault(id(param), []).append(name)
     problems = []
-    for names in ties.values():
-        for name in names:
-            others = [n for n in names if n != name]
-            if len(names) > 1 and name in touched and name in owner:
-                problems.append(
-                    f"{name}: its weight is tied to {', '.join(others)}; merging would change "
-                    "those modules too. Keep this adapter unmerged, or untie the weights first"
-                )
-            elif len(names) > 1 and name in touched:
-                problems.append(
-                    f"{name}: tied to {', '.join(others)}, which the checkpoint stores in its place"
-                )
+    for names in (names for names in ties.values() if len(names) > 1):
+        for name in sorted(touched.intersection(names)):
+            others = ", ".join(n for n in names if n != name)
+            problems.append(
+                f"{name}: its weight is tied to {others}; merging would change those modules "
+                "too. Keep this adapter unmerged, or untie the weights first"
+                if name in owner
+                else f"{name}: tied to {others}, which the checkpoint stores in its place"
+            )
     for key, tensor in whole.items():  # a replaced tensor must fit its place in the shard
         if key in meta_state and tuple(tensor.shape) != tuple(meta_state[key].shape):
             problems.append(
@@ -315,7 +304,8 @@ def _check(
             fan_in_fan_out=bool(file.config.get("fan_in_fan_out", False)),
         )
     except AdapterFileError as exc:
-        problems.append(str(exc).replace("cannot merge the adapter into the state dict:\n", ""))
+        lines = str(exc).replace("not in the base state dict", "in no shard of the base")
+        problems += [line.removeprefix("  - ") for line in lines.splitlines()[1:]]
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)
         raise AdapterFileError(
