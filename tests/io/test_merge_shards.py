@@ -177,6 +177,12 @@ def test_a_tied_weight_is_refused_as_merge_refuses_it(tmp_path):
         merge_shards(tmp_path / "base", tmp_path / "adapter", tmp_path / "out")
     with pytest.raises(MergeError, match="tied"):  # the loaded path refuses it too
         export_merged(str(tmp_path / "base"), tmp_path / "adapter", tmp_path / "out")
+    head = tmp_path / "head-adapter"  # the output head: stored once, as the input embedding
+    config = LoraConfig(r=4, target_modules=["lm_head"])
+    lorakit.save_adapter(randomise(lorakit.apply_lora(build(), config)), head)
+    before = listing(tmp_path)
+    with pytest.raises(AdapterFileError, match=r"lm_head\.weight: tied to model\.embed_tokens"):
+        merge_shards(tmp_path / "base", head, tmp_path / "out")
     assert listing(tmp_path) == before
 
 
@@ -260,3 +266,26 @@ def test_a_non_finite_merge_is_refused_and_nothing_is_written(tmp_path):
     with pytest.raises(MergeError, match=r"model\.layers\.1\.mlp\.down_proj\.weight would hold"):
         merge_shards(base, adapter, tmp_path / "out")
     assert listing(tmp_path) == before
+
+
+def test_a_peft_adapter_merges_as_peft_merges_it(tmp_path):
+    """PEFT as the reference: its merge_and_unload of the same files (no fingerprint in them)."""
+    import peft
+
+    tiny_llama().save_pretrained(tmp_path / "base", max_shard_size=SHARD)
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], use_rslora=True, use_dora=True
+    )
+    model = peft.get_peft_model(tiny_llama(), config)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    model.save_pretrained(tmp_path / "adapter")
+    merge_shards(tmp_path / "base", tmp_path / "adapter", tmp_path / "out")
+    written = state(tmp_path / "out")
+    expected = model.merge_and_unload().state_dict()
+    assert sorted(written) == sorted(expected)
+    for key, value in expected.items():  # PEFT forms DoRA's norm with its own op order
+        torch.testing.assert_close(written[key], value, msg=key)
