@@ -26,7 +26,7 @@ the pages of a mapped file count in the process's resident memory until it is un
 shard once it has been read through, while pages read with ``read`` stay only in the page cache,
 which the kernel may drop at will.
 
-Checked before anything is written, and gathered into one error:
+Checked before anything is written (the adapter's problems gathered into one error):
 
 * the index (``model.safetensors.index.json``) is JSON with a ``weight_map`` whose shard files
   exist, are valid safetensors files (safetensors' own header check) and hold exactly the tensors
@@ -34,14 +34,16 @@ Checked before anything is written, and gathered into one error:
 * every module the adapter targets, and every tensor it replaces, is in some shard, with a shape
   its ``B A`` fits (the merge itself run on meta tensors: no memory, no arithmetic); nothing is
   left unmerged silently;
-* a weight tied to another (input and output embeddings) is refused, as ``lorakit.merge`` refuses
-  it: merging would change both;
+* a weight tied to another (input and output embeddings; found on the base's modules built on
+  the meta device, ``models.meta_base``) is refused, as ``lorakit.merge`` refuses it: merging
+  would change both;
 * the adapter's base fingerprint (``lorakit.fingerprint``) is compared with one computed from the
   files: the model's class (``config.json``'s ``architectures``), ``model_type``, the shapes of
   the targeted weights and the hash of their strided sample, read from the shards element by
   element. It equals the fingerprint of the loaded model, so the check is the one
   ``load_adapter`` makes (``allow_base_mismatch`` turns it into a warning).
 
+A merged weight that would hold a non-finite value stops the write (``MergeError`` naming it).
 The result appears atomically: it is written to a staging directory beside ``out`` and renamed
 into place (``safety``); a failure at any point leaves no directory behind, and an existing
 model directory is replaced only with ``overwrite=True``. The shards keep the base's split
