@@ -43,6 +43,19 @@ def store_as(ptr, v, mask):
         tl.store(ptr, v.to(ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def dot(a, b, acc, DOT_F32: tl.constexpr, IEEE: tl.constexpr):
+    """``acc + a b``: float32 tiles in IEEE precision (torch's default on CUDA is no TF32),
+    widened first under the interpreter."""
+    if DOT_F32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
 def dot_f32() -> bool:
     """Widen GEMM tiles to float32 before ``tl.dot`` (the interpreter's bf16 dot is wrong)."""
     return interpreting()

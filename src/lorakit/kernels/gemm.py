@@ -24,19 +24,8 @@ import triton.language as tl
 
 from ..errors import AdapterError
 from ..quant.weight import QuantizedWeight
-from ._util import block, dot_f32, store_as, to_dtype
+from ._util import block, dot, dot_f32, store_as, to_dtype
 from .nf4 import quant_values, weight_args
-
-
-@triton.jit
-def _dot(a, b, acc, DOT_F32: tl.constexpr, IEEE: tl.constexpr):
-    if DOT_F32:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    if IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -64,7 +53,8 @@ def _gemm_kernel(
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             mask_k = rk < K
-            xt = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=mask_m[:, None] & mask_k)
+            xmask = mask_m[:, None] & mask_k
+            xt = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=xmask, other=0.0)
             widx = rk[:, None] * stride_wk + rn[None, :] * stride_wn  # (BLOCK_K, BLOCK_N)
             wmask = mask_k[:, None] & mask_n[None, :]
             if QUANT:  # decoded from the codes, rounded to x's dtype as dequantize(dtype) does
@@ -75,7 +65,7 @@ def _gemm_kernel(
                 wt = to_dtype(wt, x_ptr.dtype.element_ty)
             else:
                 wt = tl.load(w_ptr + widx, mask=wmask, other=0.0)
-            base = _dot(xt, wt, base, DOT_F32, IEEE)
+            base = dot(xt, wt, base, DOT_F32, IEEE)
         acc += base
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -84,10 +74,11 @@ def _gemm_kernel(
         for r0 in range(0, R, BLOCK_R):
             rr = r0 + tl.arange(0, BLOCK_R)
             mask_r = rr < R
-            lt = tl.load(l_ptr + rm[:, None] * R + rr[None, :], mask=mask_m[:, None] & mask_r)
+            lmask = mask_m[:, None] & mask_r
+            lt = tl.load(l_ptr + rm[:, None] * R + rr[None, :], mask=lmask, other=0.0)
             ridx = rr[:, None] * stride_rr + rn[None, :] * stride_rn
             rt = tl.load(r_ptr + ridx, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-            low = _dot(lt, rt, low, DOT_F32, IEEE)
+            low = dot(lt, rt, low, DOT_F32, IEEE)
         acc += scale * low
     store_as(out_ptr + tile, acc, mask)
 

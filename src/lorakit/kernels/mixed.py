@@ -36,7 +36,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from ..errors import AdapterError
-from ._util import block, dot_f32, store_as, to_dtype
+from ._util import block, dot, dot_f32, store_as, to_dtype
 
 BLOCK_T = 16  # tokens per program (tl.dot needs at least 16 rows on a GPU)
 
@@ -95,7 +95,8 @@ def segments(token_map: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
     last), where each adapter's run starts and how long it is. Fixed shapes, no host sync."""
     key = torch.where(token_map < 0, n, token_map).to(torch.int64)
     order = torch.sort(key, stable=True).indices
-    counts = torch.bincount(key, minlength=n + 1)[:n]
+    counts = torch.zeros(n + 1, dtype=torch.int64, device=key.device)
+    counts = counts.scatter_add_(0, key, torch.ones_like(key))[:n]  # bincount would sync
     starts = torch.cumsum(counts, 0) - counts
     return order.to(torch.int32), starts.to(torch.int32), counts.to(torch.int32)
 
@@ -104,7 +105,8 @@ def segments(token_map: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
 def _shrink_kernel(
     x_ptr, w_ptr, out_ptr, order_ptr, starts_ptr, counts_ptr, offsets_ptr, ranks_ptr,
     K, R_OUT,
-    DOT_F32: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """out[t, j] = Σ_k x[t, k] · w[off_a + j, k] for j < r_a, a = the adapter of token t."""
     a = tl.program_id(0)
@@ -122,13 +124,12 @@ def _shrink_kernel(
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         mask_k = rk < K
-        xt = tl.load(x_ptr + tok[:, None] * K + rk[None, :], mask=mask_t[:, None] & mask_k)
+        xmask = mask_t[:, None] & mask_k
+        xt = tl.load(x_ptr + tok[:, None] * K + rk[None, :], mask=xmask, other=0.0)
         xt = to_dtype(xt.to(tl.float32), w_ptr.dtype.element_ty)  # x in the adapter's dtype
-        wt = tl.load(w_ptr + rows[None, :] * K + rk[:, None], mask=mask_k[:, None] & mask_r)
-        if DOT_F32:
-            acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(xt, wt, acc)
+        wmask = mask_k[:, None] & mask_r[None, :]
+        wt = tl.load(w_ptr + rows[None, :] * K + rk[:, None], mask=wmask, other=0.0)
+        acc = dot(xt, wt, acc, DOT_F32, IEEE)
     mask = mask_t[:, None] & mask_r[None, :]
     tl.store(out_ptr + tok[:, None] * R_OUT + rr[None, :], acc, mask=mask)
 
@@ -137,7 +138,8 @@ def _shrink_kernel(
 def _expand_kernel(
     xa_ptr, w_ptr, y_ptr, order_ptr, starts_ptr, counts_ptr, offsets_ptr, ranks_ptr, scales_ptr,
     N, R_IN,
-    DOT_F32: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """y[t, n] += s_a · Σ_j xa[t, j] · w[off_a + j, n] for j < r_a, in place."""
     a = tl.program_id(0)
@@ -155,13 +157,12 @@ def _expand_kernel(
     for r0 in range(0, rank, BLOCK_R):
         rr = r0 + tl.arange(0, BLOCK_R)
         mask_r = rr < rank
-        lt = tl.load(xa_ptr + tok[:, None] * R_IN + rr[None, :], mask=mask_t[:, None] & mask_r)
+        lmask = mask_t[:, None] & mask_r[None, :]
+        lt = tl.load(xa_ptr + tok[:, None] * R_IN + rr[None, :], mask=lmask, other=0.0)
         lt = to_dtype(lt, w_ptr.dtype.element_ty)  # rounded as the eager path rounds x Aᵀ
-        wt = tl.load(w_ptr + (off + rr)[:, None] * N + rn[None, :], mask=mask_r[:, None] & mask_n)
-        if DOT_F32:
-            acc = tl.dot(lt.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(lt, wt, acc)
+        wmask = mask_r[:, None] & mask_n[None, :]
+        wt = tl.load(w_ptr + (off + rr)[:, None] * N + rn[None, :], mask=wmask, other=0.0)
+        acc = dot(lt, wt, acc, DOT_F32, IEEE)
     mask = mask_t[:, None] & mask_n[None, :]
     ptr = y_ptr + tok[:, None] * N + rn[None, :]
     y = tl.load(ptr, mask=mask, other=0.0).to(tl.float32) + tl.load(scales_ptr + a) * acc
@@ -176,7 +177,8 @@ def shrink(x: torch.Tensor, w: torch.Tensor, packed: Packed, segs) -> torch.Tens
     grid = (len(packed), triton.cdiv(t, BLOCK_T), triton.cdiv(packed.max_rank, block_r))
     _shrink_kernel[grid](
         x, w, out, *segs, packed.offsets, packed.ranks, k, out.shape[1],
-        DOT_F32=dot_f32(), BLOCK_T=BLOCK_T, BLOCK_R=block_r, BLOCK_K=block(k, hi=64),
+        DOT_F32=dot_f32(), IEEE=w.dtype == torch.float32,
+        BLOCK_T=BLOCK_T, BLOCK_R=block_r, BLOCK_K=block(k, hi=64),
     )  # fmt: skip
     return out
 
@@ -188,7 +190,8 @@ def expand_(y: torch.Tensor, xa: torch.Tensor, w: torch.Tensor, packed: Packed, 
     grid = (len(packed), triton.cdiv(t, BLOCK_T), triton.cdiv(n, block_n))
     _expand_kernel[grid](
         xa, w, y, *segs, packed.offsets, packed.ranks, packed.scales, n, xa.shape[1],
-        DOT_F32=dot_f32(), BLOCK_T=BLOCK_T, BLOCK_R=block(packed.max_rank, hi=64), BLOCK_N=block_n,
+        DOT_F32=dot_f32(), IEEE=w.dtype == torch.float32,
+        BLOCK_T=BLOCK_T, BLOCK_R=block(packed.max_rank, hi=64), BLOCK_N=block_n,
     )  # fmt: skip
 
 
