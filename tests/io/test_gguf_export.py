@@ -237,3 +237,57 @@ def test_the_command_writes_both_files_and_names_its_flags(base, tmp_path, capsy
     assert "pass --overwrite to replace it" in capsys.readouterr().err
     assert main(["export-gguf", str(hf_dir), str(adapter), str(out)]) == 2
     assert "expected ADAPTER OUT.gguf, got 3 path(s)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_embedded_model_with_an_exported_adapter_in_llama_cpp(tmp_path):
+    """SmolLM2-135M (its Q4_1 GGUF, as lorakit loads it: dequantized to float32) with a random
+    q/k/v/o adapter: llama.cpp on the float32 base written by the merged route (an untrained
+    adapter, B = 0, merges to the base itself) plus the exported adapter, and on the merged model,
+    against lorakit."""
+    from lorakit.models import load_model
+
+    model, tokenizer = load_model(None)
+    config = LoraConfig(r=8, alpha=16, use_rslora=True, target_modules=["q_proj", "k_proj"])
+    config = config.replace(alpha_pattern={"v_proj": 4.0}, rank_pattern={"o_proj": 4})
+    config = config.replace(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    lorakit.apply_lora(model, config, "zero")
+    lorakit.save_adapter(model, tmp_path / "zero", "zero")
+    lorakit.delete_adapter(model, "zero")
+    lorakit.apply_lora(model, config)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in lorakit.adapter_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    tokens = tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        expected = model(torch.tensor([tokens])).logits[0]
+    base = export_gguf(tmp_path / "zero", tmp_path / "base.gguf", merged=True, out_type="f32")
+    adapter = export_gguf(tmp_path / "adapter", tmp_path / "adapter.gguf")
+    merged = export_gguf(tmp_path / "adapter", tmp_path / "m.gguf", merged=True, out_type="f32")
+    # 30 layers of float32 in two orders: logits of size about 10 agree to about 1e-3
+    for got in (llama_logits(base, tokens, lora=adapter), llama_logits(merged, tokens)):
+        torch.testing.assert_close(got, expected, atol=1e-2, rtol=1e-3)
+        assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+def test_the_fast_reader_reads_what_gguf_reads(base, tmp_path):
+    import gguf
+    import numpy as np
+
+    from lorakit.io.gguf_read import read_gguf
+
+    _, gguf_base = base
+    adapter, _ = adapted(CASES["embedding"], tmp_path)
+    out = export_gguf(adapter, tmp_path / "m.gguf", base=gguf_base, merged=True, out_type="q8_0")
+    for path in (gguf_base, out):
+        reference, ours = gguf.GGUFReader(path), read_gguf(path)
+        for key, field in reference.fields.items():
+            if not key.startswith("GGUF."):
+                assert ours.value(key) == field.contents(), key
+        assert len(ours.tensors) == len(reference.tensors)
+        for theirs, mine in zip(reference.tensors, ours.tensors):
+            assert (mine.name, mine.tensor_type) == (theirs.name, theirs.tensor_type)
+            assert mine.shape == tuple(int(n) for n in reversed(theirs.shape))
+            assert np.array_equal(mine.data.reshape(-1), theirs.data.view(np.uint8).reshape(-1))

@@ -83,16 +83,15 @@ def run(args: argparse.Namespace) -> int:
 
 def describe(path, seconds: float) -> str:
     """One line on the file written: what it is, its architecture, tensors and size."""
-    import gguf
+    from ..io.gguf_read import read_gguf
 
-    reader = gguf.GGUFReader(path)
-    fields = {f.name: f for f in reader.fields.values()}
-    arch = fields["general.architecture"].contents()
+    file = read_gguf(path)
+    arch = file.value("general.architecture")
     size = path.stat().st_size / 2**20
-    if "adapter.lora.alpha" in fields:
-        alpha = fields["adapter.lora.alpha"].contents()
-        what = f"llama.cpp LoRA adapter ({arch}, {len(reader.tensors) // 2} tensor pairs, "
+    if "adapter.lora.alpha" in file.fields:
+        alpha = file.value("adapter.lora.alpha")
+        what = f"llama.cpp LoRA adapter ({arch}, {len(file.tensors) // 2} tensor pairs, "
         what += f"alpha {alpha:g})"
     else:
-        what = f"merged {arch} model ({len(reader.tensors)} tensors)"
+        what = f"merged {arch} model ({len(file.tensors)} tensors)"
     return f"wrote {path}: {what}, {size:.2f} MiB in {seconds:.1f} s"

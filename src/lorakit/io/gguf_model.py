@@ -36,6 +36,7 @@ from .gguf_names import (
     permute_rows,
     unpermute_rows,
 )
+from .gguf_read import read_gguf
 from .gguf_write import add_tensor, check_out, file_type, staged_file, write
 from .merge_state import adapter_modules, merge_state_dict
 
@@ -71,7 +72,7 @@ def merge_into_gguf(base: Path, file, target: Path, out_type: str) -> None:
     import gguf
 
     info = gguf_base(base)
-    reader = gguf.GGUFReader(base)
+    reader = read_gguf(base)
     by_name = {t.name: t for t in reader.tensors}
     modules = adapter_modules(file.tensors)
     keys = [f"{p}.weight" for p in modules if p] + list(modules[""])
@@ -86,17 +87,12 @@ def merge_into_gguf(base: Path, file, target: Path, out_type: str) -> None:
     merged = merge_state_dict(touched, file)
     replaced = {names[key]: _to_gguf(info, names[key], w) for key, w in merged.items()}
 
+    skipped = ("general.architecture", "general.file_type")
     with staged_file(target) as staged:
         writer = gguf.GGUFWriter(staged, info.arch)
-        for field in reader.fields.values():
-            if field.name.startswith("GGUF.") or field.name in (
-                gguf.Keys.General.ARCHITECTURE,
-                gguf.Keys.General.FILE_TYPE,
-            ):
-                continue
-            vtype = field.types[0]
-            sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+        for key, (value, vtype, item) in reader.fields.items():
+            if key not in skipped:
+                writer.add_key_value(key, value, gguf.GGUFValueType(vtype), sub_type=item)
         writer.add_file_type(file_type(out_type))
         for t in reader.tensors:
             tensor = replaced.get(t.name)
@@ -105,13 +101,11 @@ def merge_into_gguf(base: Path, file, target: Path, out_type: str) -> None:
 
 
 def _decode(t) -> torch.Tensor:
-    """A GGUF reader tensor as float32, torch's shape."""
+    """A GGUF tensor as float32, torch's shape."""
     import gguf
 
     values = gguf.quants.dequantize(t.data, t.tensor_type)
-    return torch.from_numpy(values.astype("float32", copy=True)).reshape(
-        tuple(int(n) for n in reversed(t.shape))
-    )
+    return torch.from_numpy(values.astype("float32", copy=True)).reshape(t.shape)
 
 
 def _to_hf(info: GgufBase, name: str, weight: torch.Tensor) -> torch.Tensor:

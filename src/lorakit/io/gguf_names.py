@@ -109,32 +109,32 @@ def check_architecture(hf_class: str, source: str) -> str:
 def _from_gguf(path: Path) -> GgufBase:
     import gguf
 
-    reader = gguf.GGUFReader(path)
-    arch = _field(reader, gguf.Keys.General.ARCHITECTURE, path)
+    from .gguf_read import read_gguf
+
+    file = read_gguf(path)
+    arch = _field(file, gguf.Keys.General.ARCHITECTURE)
     if arch not in set(ARCHITECTURES.values()):
         raise ConfigError(
             f"{path}: GGUF architecture {arch!r} is not supported for GGUF export; supported: "
             f"{', '.join(sorted(set(ARCHITECTURES.values())))}"
         )
-    n_head = int(_field(reader, gguf.Keys.Attention.HEAD_COUNT.format(arch=arch), path))
-    kv_key = gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch)
-    shapes = {t.name: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}
+    n_head = int(_field(file, gguf.Keys.Attention.HEAD_COUNT.format(arch=arch)))
+    shapes = {t.name: t.shape for t in file.tensors}
     return GgufBase(
         source=str(path),
         arch=arch,
-        n_layers=int(_field(reader, gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch), path)),
+        n_layers=int(_field(file, gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch))),
         n_head=n_head,
-        n_head_kv=int(_field(reader, kv_key, path)) if kv_key in reader.fields else n_head,
+        n_head_kv=int(file.value(gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch), n_head)),
         tied="output.weight" not in shapes,
         tensors=shapes,
     )
 
 
-def _field(reader, key: str, path: Path):
-    field = reader.fields.get(key)
-    if field is None:
-        raise ConfigError(f"{path}: the GGUF file has no {key!r}: not a model llama.cpp loads")
-    return field.contents()
+def _field(file, key: str):
+    if key not in file.fields:
+        raise ConfigError(f"{file.path}: the GGUF file has no {key!r}: not a model llama.cpp loads")
+    return file.value(key)
 
 
 def gguf_name(base: GgufBase, hf_key: str) -> str | None:
