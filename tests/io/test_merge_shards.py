@@ -289,3 +289,20 @@ def test_a_peft_adapter_merges_as_peft_merges_it(tmp_path):
     assert sorted(written) == sorted(expected)
     for key, value in expected.items():  # PEFT forms DoRA's norm with its own op order
         torch.testing.assert_close(written[key], value, msg=key)
+
+
+def test_without_copy_file_range_the_copy_goes_through_a_buffer(tmp_path, monkeypatch):
+    """A file system without ``copy_file_range`` (EXDEV, EOPNOTSUPP) gets the same bytes."""
+    import errno
+
+    base, adapter, _ = make(tmp_path, "all-linear")
+    merge_shards(base, adapter, tmp_path / "kernel-copy")
+
+    def unsupported(*args, **kwargs):
+        raise OSError(errno.EOPNOTSUPP, "operation not supported")
+
+    monkeypatch.setattr(os, "copy_file_range", unsupported)
+    monkeypatch.setattr("lorakit.io.merge_shards._CHUNK", 1000)  # several steps per tensor
+    merge_shards(base, adapter, tmp_path / "buffered")
+    for path in sorted((tmp_path / "kernel-copy").iterdir()):
+        assert path.read_bytes() == (tmp_path / "buffered" / path.name).read_bytes(), path.name
