@@ -3,7 +3,8 @@
 ``merge_shards(base_dir, adapter_dir, out)`` writes what ``export_merged`` writes (safetensors
 shards, their index, ``config.json``, the generation config and the tokenizer files) without
 building the model: each tensor of each shard is copied or merged on its own, so the memory held
-is one adapted weight (and its float32 merge) plus the adapter, whatever the size of the base.
+is one adapted weight with its float32 merge (about ten times its bfloat16 bytes: the float32
+copy, ``B A``, the scaled delta, the sum) plus the adapter, whatever the size of the base.
 
 For a weight ``W`` (out, in) of the base that the adapter targets, with ``A`` (r, in) and
 ``B`` (out, r) from the adapter file, the written tensor is ``merge_state_dict``'s::
