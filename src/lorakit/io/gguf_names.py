@@ -19,6 +19,7 @@ GGUF file (its metadata and tensor names, no tensor data); the embedded model is
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from pathlib import Path
@@ -140,11 +141,15 @@ def _field(file, key: str):
 def gguf_name(base: GgufBase, hf_key: str) -> str | None:
     """llama.cpp's name for the transformers tensor ``hf_key`` (``...q_proj.weight`` ->
     ``blk.0.attn_q.weight``), from the ``gguf`` package's table; None if it has none."""
+    return _table(base.arch, base.n_layers).get_name(hf_key, try_suffixes=(".weight", ".bias"))
+
+
+@functools.lru_cache(maxsize=8)
+def _table(arch_name: str, n_layers: int):
     import gguf
 
-    arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == base.arch)
-    table = gguf.get_tensor_name_map(arch, base.n_layers)
-    return table.get_name(hf_key, try_suffixes=(".weight", ".bias"))
+    arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch_name)
+    return gguf.get_tensor_name_map(arch, n_layers)
 
 
 def heads_permuted(base: GgufBase, name: str) -> int | None:

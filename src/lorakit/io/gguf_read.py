@@ -82,7 +82,7 @@ def read_gguf(path: str | Path) -> GgufFile:
     import gguf
 
     path = Path(path)
-    data = np.memmap(path, dtype=np.uint8, mode="r")
+    data = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)  # slices: plain views
     cursor = _Cursor(memoryview(data))
     try:
         if bytes(data[:4]) != b"GGUF":
