@@ -143,7 +143,8 @@ def test_one_file_base_and_the_command(tmp_path, capsys):
     )
     assert "in memory" in capsys.readouterr().out
     for key, value in state(tmp_path / "mem").items():  # both cast the float32 sum once
-        assert torch.equal(written[key], value), key
+        assert value.dtype == torch.float16
+        torch.testing.assert_close(written[key], value, msg=key)  # other code, other op order
 
 
 def test_the_fingerprint_from_the_files_is_the_loaded_models(tmp_path):
