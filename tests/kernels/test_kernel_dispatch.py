@@ -16,18 +16,18 @@ pytest.importorskip("triton", reason="triton is not installed (the kernels extra
 import lorakit  # noqa: E402
 from lorakit import LoraConfig, kernels  # noqa: E402
 from lorakit.errors import ConfigError  # noqa: E402
-from tiny_models import LLAMA, tiny_llama  # noqa: E402
+from tiny_models import LLAMA, tiny_gpt2, tiny_llama  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # else the interpreter (conftest)
 IDS = torch.randint(2, LLAMA["vocab_size"], (6, 5), generator=torch.Generator().manual_seed(4))
 
 
-def _adapted(names=("default",), quantized=False):
-    model = tiny_llama()
+def _adapted(names=("default",), quantized=False, model=None, **options):
+    model = model or tiny_llama()
     if quantized:
         model = lorakit.quantize(model)
     for i, name in enumerate(names):
-        config = LoraConfig(r=2 + 3 * i, alpha=8, target_modules="all-linear")
+        config = LoraConfig(r=2 + 3 * i, alpha=8, **{"target_modules": "all-linear", **options})
         lorakit.apply_lora(model, config, adapter_name=name)
     with torch.no_grad():
         for _, layer in lorakit.lora_layers(model):
@@ -65,13 +65,40 @@ def test_switching_on_without_triton_is_a_config_error(monkeypatch):
         kernels.use_kernels(True)
 
 
-@pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
-def test_an_adapted_model_trains_the_same_with_kernels(quantized):
-    model = _adapted(quantized=quantized)
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: _adapted(),
+        lambda: _adapted(quantized=True),
+        lambda: _adapted(use_dora=True),
+        # GPT-2's Conv1D, c_attn split in q/k/v with adapters on q and v only
+        lambda: _adapted(
+            model=tiny_gpt2(),
+            target_modules=["c_attn", "c_fc"],
+            fused_slices={"c_attn": (True, False, True)},
+        ),
+    ],
+    ids=["lora", "qlora", "dora", "gpt2-fused-slices"],
+)
+def test_an_adapted_model_trains_the_same_with_kernels(build, monkeypatch):
+    from lorakit.kernels import gemm, lora_linear
+
+    calls = []
+
+    def counted(*args, **kwargs):  # the real GEMM, counted
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    real = gemm.gemm
+    monkeypatch.setattr(gemm, "gemm", counted)  # read at call time by nf4
+    monkeypatch.setattr(lora_linear, "gemm", counted)
+    model = build()
     twin = copy.deepcopy(model)
     want_logits, want_grads = _loss_and_grads(twin)
+    assert not calls  # off by default
     with kernels.use_kernels(True):
         got_logits, got_grads = _loss_and_grads(model)
+    assert calls
     # float32 sums in another order than torch's kernels, through 2 layers and a softmax
     torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-5)
     for got, want in zip(got_grads, want_grads):
