@@ -132,3 +132,24 @@ def test_shapes_that_do_not_fit_are_refused():
         lora_linear(k["x"], weight, None, k["a"], k["b"][:, :3], 1.0)
     with pytest.raises(AdapterError, match="must be frozen"):
         lora_linear(k["x"], weight.requires_grad_(True), None, k["a"], k["b"], 1.0)
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["dense", "nf4"])
+def test_a_group_of_projections_of_one_input_matches_each_alone(quantized):
+    """q/k/v of one input with ranks 8, 1 and 16 (k without bias), an output left unused."""
+    from lorakit.kernels.lora_linear import lora_linear_group
+
+    built = [_tensors(r, torch.float32, 6, quantized) for r in (8, 1, 16)]
+    x = built[0][1]["x"]
+    parts = [(w, k["bias"], k["a"], k["b"], 0.5 + i) for i, (w, k) in enumerate(built)]
+    parts[1] = (*parts[1][:1], None, *parts[1][2:])
+    leaves = [x] + [t for p in parts for t in (p[1], p[2], p[3]) if t is not None]
+    got = lora_linear_group(x, parts)
+    want = [lora_linear(x, *p) for p in parts]
+    for g, w in zip(got, want):
+        _close(g, w)
+    grads = [torch.randn_like(y) for y in got[:2]]  # v's output unused: its gradient is zero
+    by_index = dict(enumerate(leaves))
+    zero = [torch.zeros_like(want[2])]
+    for g, w in zip(_grads(got[:2], by_index, grads), _grads(want, by_index, grads + zero)):
+        _close(g, w)

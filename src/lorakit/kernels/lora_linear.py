@@ -16,13 +16,18 @@ Only x and xa (M, r) are kept for backward besides the adapters; nothing weight-
 written: a 4-bit W is decoded tile by tile inside both GEMMs (QLoRA, section 3) and a dense W is
 only read. The sums are float32 and each output is rounded once.
 
-:func:`lora_linear` is the whole layer; :func:`lora_add` is the low-rank term alone added to a
+:func:`lora_linear` is the whole layer; :func:`lora_linear_group` several layers that read the
+same input (q/k/v, gate/up: unsloth's LoRA_QKV), with one shrink ``x [A_1; ...; A_n]ᵀ`` for all
+and ``dx = Σ_i dy_i W_i + s_i (dy_i B_i) A_i`` accumulated in the GEMMs' epilogues (each GEMM
+starts from the previous partial sum); :func:`lora_add` is the low-rank term alone added to a
 base output computed elsewhere, ``out + s (x Aᵀ) Bᵀ``, which is what ``LoraLinear`` dispatches
 to when kernels are switched on (``lorakit.kernels.use_kernels``). The eager reference is
 ``lorakit.layers.linear._add_low_rank`` with ``F.linear`` / ``quantized_linear`` for the base.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -149,3 +154,76 @@ def lora_add(
     out2d = out.reshape(-1, out.shape[-1]).contiguous()
     y = _LoraAdd.apply(flat, out2d, a, b, float(scale))
     return y.view(out.shape)
+
+
+Weight = torch.Tensor | QuantizedWeight
+
+
+class _LoraGroup(torch.autograd.Function):
+    """Several ``x W_iᵀ + bias_i + s_i (x A_iᵀ) B_iᵀ`` on one 2-D x; inputs after ``x`` and the
+    scales: (W, bias, A, B) per projection."""
+
+    @staticmethod
+    def forward(ctx, x, scales, *parts):
+        quads = [parts[i : i + 4] for i in range(0, len(parts), 4)]
+        ranks = [a.shape[0] for _, _, a, _ in quads]
+        xa_all = gemm(x, torch.cat([a for _, _, a, _ in quads]))  # (M, Σr): one shrink
+        xas = [part.contiguous() for part in xa_all.split(ranks, 1)]
+        outs = tuple(
+            gemm(x, w, low=xa, right=b, scale=s, bias=bias)
+            for (w, bias, _, b), xa, s in zip(quads, xas, scales)
+        )
+        ctx.save_for_backward(x, *xas, *(t for _, _, a, b in quads for t in (a, b)))
+        ctx.weights, ctx.scales = [w for w, _, _, _ in quads], scales
+        return outs
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *dys):
+        n = len(dys)
+        x, xas, ab = ctx.saved_tensors[0], ctx.saved_tensors[1 : 1 + n], ctx.saved_tensors[1 + n :]
+        needs = ctx.needs_input_grad
+        grad_x, grads = None, []
+        for i, (dy, xa, w, s) in enumerate(zip(dys, xas, ctx.weights, ctx.scales)):
+            a, b = ab[2 * i], ab[2 * i + 1]
+            dy = dy.contiguous()  # an unused output's gradient comes as zeros
+            dyb = gemm(dy, b, transpose=False)
+            if needs[0]:  # this projection's dy W + s·dyb A added to the partial sum
+                grad_x = gemm(
+                    dy, w, transpose=False, low=dyb, right=a, right_transpose=False, scale=s,
+                    acc=grad_x, n=x.shape[1],
+                )  # fmt: skip
+            k = 2 + 4 * i  # this projection's (W, bias, A, B) among the inputs
+            grads += [
+                None,
+                dy.sum(0) if needs[k + 1] else None,
+                (dyb.t() @ x).mul_(s) if needs[k + 2] else None,
+                (dy.t() @ xa).mul_(s) if needs[k + 3] else None,
+            ]
+        return (grad_x, None, *grads)
+
+
+def lora_linear_group(
+    x: torch.Tensor,
+    parts: Sequence[
+        tuple[
+            torch.Tensor | QuantizedWeight, torch.Tensor | None, torch.Tensor, torch.Tensor, float
+        ]
+    ],
+) -> list[torch.Tensor]:
+    """``[x W_iᵀ + bias_i + s_i (x A_iᵀ) B_iᵀ for each (W_i, bias_i, A_i, B_i, s_i)]``: the
+    projections of one input (q/k/v, or gate/up) in one autograd node, as :func:`lora_linear`
+    computes each; every A_i reads the same x (same ``in``), ranks may differ."""
+    if not parts:
+        raise AdapterError("lora_linear_group: no projections given")
+    dtype = parts[0][2].dtype
+    flat = x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
+    tensors, scales = [], []
+    for weight, bias, a, b, s in parts:
+        _check(x, a, b)
+        if a.dtype != dtype:
+            raise AdapterError(f"lora_linear_group: adapters in {a.dtype} and {dtype}")
+        tensors += [weight, None if bias is None else bias.to(dtype), a, b]
+        scales.append(float(s))
+    outs = _LoraGroup.apply(flat, tuple(scales), *tensors)
+    return [y.view(*x.shape[:-1], y.shape[-1]) for y in outs]
