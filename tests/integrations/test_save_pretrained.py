@@ -5,6 +5,9 @@ the directory are left alone. Outputs against PEFT at ``assert_close``'s default
 orders the float32 operations differently)."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import peft
 import pytest
@@ -87,3 +90,25 @@ def test_loading_a_directory_without_the_models_adapters_names_what_is_missing(t
     _model(["default"]).save_pretrained(tmp_path)
     with pytest.raises(AdapterFileError, match=r"missing 'b' \(.*b/adapter_config.json\)"):
         load_adapters(_model(["default", "b"]), tmp_path)
+
+
+def test_an_adapter_whose_init_rewrote_the_base_is_not_read_back(tmp_path):
+    """Its files hold the plain LoRA of the original base (rank doubled), not its own tensors."""
+    config = LoraConfig(r=2, init="pissa", target_modules=["q_proj"])
+    lorakit.apply_lora(tiny_llama(), config).save_pretrained(tmp_path)
+    with pytest.raises(AdapterFileError, match="'default' \\(init='pissa'\\).*lorakit train"):
+        load_adapters(lorakit.apply_lora(tiny_llama(), config), tmp_path)
+
+
+def test_importing_the_integrations_imports_no_optional_library():
+    code = (
+        "import sys, torch, lorakit, lorakit.integrations\n"
+        "lorakit.apply_lora(torch.nn.Sequential(torch.nn.Linear(4, 4)), lorakit.LoraConfig(r=2))\n"
+        "print(sorted(m for m in ('transformers', 'peft', 'trl', 'datasets') if m in sys.modules))"
+    )
+    src = str(Path(lorakit.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"

@@ -24,7 +24,7 @@ from ..errors import AdapterFileError
 from ..io import safety
 from ..io.adapter import CONFIG_FILE, WEIGHTS_FILE, adapter_contents
 from ..io.adapter import load_adapter as _load_adapter
-from ..model import list_adapters
+from ..model import adapter_configs, list_adapters
 
 DEFAULT = "default"  # the adapter PEFT writes into the directory itself
 
@@ -71,6 +71,16 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike) -> dict[str, P
     looked for. Returns where each came from."""
     root = safety.check_path(directory, "checkpoint directory")
     places = placement(list_adapters(model), root)
+    converted = [
+        f"{n!r} (init={c.init!r})" for n, c in adapter_configs(model).items() if c.changes_base
+    ]
+    if converted:
+        raise AdapterFileError(
+            f"cannot read {root} back into adapter(s) {', '.join(converted)}: an adapter whose "
+            "init rewrote the base is saved converted to a plain LoRA of the original base, "
+            "which cannot be loaded into it; resume such a run with lorakit train, or load the "
+            "saved adapter into a fresh base with lorakit.load_adapter"
+        )
     missing = [
         f"{n!r} ({p / CONFIG_FILE})" for n, p in places.items() if not (p / CONFIG_FILE).is_file()
     ]
