@@ -5,6 +5,7 @@ Outputs against PEFT at ``assert_close``'s default tolerances (PEFT orders the f
 differently)."""
 
 import copy
+import pickle
 
 import peft
 import pytest
@@ -173,9 +174,11 @@ def _raises_transformers_own_error(call):
 def test_the_methods_belong_to_the_adapted_model_only(two_adapters):
     other = tiny_llama()  # the class is untouched: transformers' own method and message
     _raises_transformers_own_error(other.active_adapters)
-    twin = copy.deepcopy(two_adapters)  # a copy's methods act on the copy
-    twin.set_adapter("a")
-    assert lorakit.active_adapter(twin) == "a" and lorakit.active_adapter(two_adapters) == "b"
+    for twin in (copy.deepcopy(two_adapters), pickle.loads(pickle.dumps(two_adapters))):
+        twin.set_adapter("a")  # a copy's methods act on the copy
+        assert lorakit.active_adapter(twin) == "a" and lorakit.active_adapter(two_adapters) == "b"
+        with pytest.raises(AdapterError, match="lorakit.load_adapter"):
+            twin.load_adapter("somewhere")
 
 
 def test_without_lorakit_adapters_the_methods_are_transformers_own(two_adapters, tmp_path):

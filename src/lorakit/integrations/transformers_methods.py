@@ -102,14 +102,18 @@ def _delete_adapter(model: nn.Module, adapter_names: str | list[str]) -> None:
         delete_adapter(model, name)
 
 
-def _refuse(call: str, lorakit_call: str):
-    def refuse(model: nn.Module, *args: Any, **kwargs: Any) -> None:
-        raise AdapterError(
-            f"model.{call} is transformers' method for PEFT adapters; this model carries "
-            f"lorakit adapters ({', '.join(list_adapters(model))}): use {lorakit_call}"
-        )
+class _Refuse:
+    """transformers' method ``call``, refused in favour of ``lorakit_call`` (a class, not a
+    closure, so that a model carrying it still pickles)."""
 
-    return refuse
+    def __init__(self, call: str, lorakit_call: str) -> None:
+        self.call, self.lorakit_call = call, lorakit_call
+
+    def __call__(self, model: nn.Module, *args: Any, **kwargs: Any) -> None:
+        raise AdapterError(
+            f"model.{self.call} is transformers' method for PEFT adapters; this model carries "
+            f"lorakit adapters ({', '.join(list_adapters(model))}): use {self.lorakit_call}"
+        )
 
 
 _METHODS = {
@@ -117,20 +121,20 @@ _METHODS = {
     "set_adapter": _set_adapter,
     "active_adapters": _active_adapters,
     "delete_adapter": _delete_adapter,
-    "load_adapter": _refuse("load_adapter", "lorakit.load_adapter(model, directory, adapter_name)"),
-    "add_adapter": _refuse("add_adapter", "lorakit.apply_lora(model, config, adapter_name)"),
-    "disable_adapters": _refuse(
+    "load_adapter": _Refuse("load_adapter", "lorakit.load_adapter(model, directory, adapter_name)"),
+    "add_adapter": _Refuse("add_adapter", "lorakit.apply_lora(model, config, adapter_name)"),
+    "disable_adapters": _Refuse(
         "disable_adapters", "`with lorakit.disable_adapters(model):` (the base alone inside)"
     ),
-    "enable_adapters": _refuse(
+    "enable_adapters": _Refuse(
         "enable_adapters", "`with lorakit.disable_adapters(model):`, which enables them on exit"
     ),
-    "get_adapter_state_dict": _refuse(
+    "get_adapter_state_dict": _Refuse(
         "get_adapter_state_dict",
         "lorakit.save_adapter(model, directory, adapter_name), or "
         "lorakit.adapter_parameters(model, adapter_name) for the tensors",
     ),
-    "enable_peft_hotswap": _refuse(
+    "enable_peft_hotswap": _Refuse(
         "enable_peft_hotswap", "lorakit.pad_adapter_rank and lorakit.hotswap_adapter"
     ),
 }
