@@ -41,7 +41,7 @@ from .gguf_write import add_tensor, check_out, staged_file, write
 from .merge_state import adapter_modules
 from .peft_format import _lookup
 
-MERGED_HINT = "export the merged model instead (lorakit export-gguf --merged BASE ADAPTER OUT.gguf)"
+MERGED_HINT = "merge it instead (lorakit export-gguf --merged [BASE] ADAPTER OUT.gguf)"
 
 
 def export_gguf(
@@ -157,9 +157,8 @@ def lora_factors(
             out[name] = (a.contiguous(), b.contiguous(), config.scaling(r, alpha))
     if not out and not problems:
         problems.append("it adapts no module")
-    header = (
-        f"cannot export {file.directory} as a GGUF LoRA adapter for {base.source} ({MERGED_HINT})"
-    )
+    header = f"cannot export {file.directory} as a GGUF LoRA adapter of {base.source}"
+    header += f"; {MERGED_HINT}"
     gather(problems, AdapterFileError, header)
     return out
 

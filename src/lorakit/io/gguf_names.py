@@ -63,7 +63,9 @@ class GgufBase:
 def gguf_base(base: str | os.PathLike | None) -> GgufBase:
     """The :class:`GgufBase` of a transformers directory, a ``.gguf`` file, or the embedded model
     (None, ``"default"`` or its hub id)."""
-    path = embedded_model_path() if is_embedded(base) else Path(base)
+    if is_embedded(base):
+        return dataclasses.replace(_from_gguf(embedded_model_path()), source="the embedded model")
+    path = Path(base)
     if path.is_dir():
         return _from_config(path)
     if path.suffix == ".gguf" and path.is_file():
