@@ -93,9 +93,10 @@ def test_the_default_targets_are_peft_s_for_the_architecture():
             peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="eva"),
             "init_lora_weights",
         ),
+        (peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False), "=False"),
         (peft.IA3Config(target_modules=["q_proj"], feedforward_modules=[]), "peft_type"),
     ],
-    ids=["lora_bias", "trainable tokens", "layer replication", "eva init", "IA3"],
+    ids=["lora_bias", "trainable tokens", "layer replication", "eva init", "random B", "IA3"],
 )
 def test_peft_features_lorakit_lacks_are_refused_by_name(config, field):
     model = tiny_llama()

@@ -42,6 +42,12 @@ def from_peft_config(config: Any, model: nn.Module | None = None) -> LoraConfig:
     """
     data = dict(config.to_dict())
     source = f"peft.{type(config).__name__}"
+    if data.get("init_lora_weights") is False:  # in a file it does not matter; here it would
+        raise ConfigError(
+            f"{source}: init_lora_weights=False (B random, so the adapted model does not start "
+            "as the base) is not an initialisation lorakit has; use True (lorakit's 'kaiming') "
+            "or 'gaussian'"
+        )
     kind = data.get("peft_type")
     data["peft_type"] = getattr(kind, "value", kind)  # PEFT's enum, as its JSON file writes it
     if data.get("target_modules") is None and data["peft_type"] in ("LORA", None):
