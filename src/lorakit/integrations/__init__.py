@@ -21,14 +21,9 @@ from .adapter_dirs import load_adapters, write_adapters
 from .peft_config import from_peft_config
 from .trainer import AdapterCheckpoints
 
-__all__ = [
-    "AdapterCheckpoints",
-    "LoraSFTTrainer",
-    "LoraTrainer",
-    "from_peft_config",
-    "load_adapters",
-    "write_adapters",
-]
+# LoraTrainer and LoraSFTTrainer are left out of __all__: a star import would build them, and
+# so import transformers and TRL (which may not be installed).
+__all__ = ["AdapterCheckpoints", "from_peft_config", "load_adapters", "write_adapters"]
 
 _BUILT: dict[str, type] = {}
 

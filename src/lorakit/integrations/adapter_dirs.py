@@ -67,8 +67,9 @@ def _replace_file(path: Path, write, *args) -> None:
 def load_adapters(model: nn.Module, directory: str | os.PathLike) -> dict[str, Path]:
     """Load every adapter of ``model`` from a directory :func:`write_adapters` wrote, into the
     adapters' own tensors (in place: an optimizer holding them keeps them). Strict, as
-    ``lorakit.load_adapter``; a missing adapter is an ``AdapterFileError`` naming where it was
-    looked for. Returns where each came from."""
+    ``lorakit.load_adapter``, and all or nothing per adapter (every file is checked to be there
+    before any is read); a missing adapter is an ``AdapterFileError`` naming where it was looked
+    for. Returns where each came from."""
     root = safety.check_path(directory, "checkpoint directory")
     places = placement(list_adapters(model), root)
     converted = [

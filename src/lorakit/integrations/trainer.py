@@ -15,7 +15,11 @@ into the model's own adapter parameters, so the optimizer state the Trainer rest
 to them. Models without lorakit adapters go through the Trainer's own code::
 
     from lorakit.integrations import AdapterCheckpoints
-    from trl import SFTTrainer
+
+    try:
+        from trl import SFTTrainer
+    except ImportError as exc:
+        raise ImportError(f"LoraSFTTrainer needs TRL (pip install trl): {exc}") from exc
 
 
     class LoraSFTTrainer(AdapterCheckpoints, SFTTrainer):
@@ -69,6 +73,9 @@ def lora_trainer() -> type:
 
 def lora_sft_trainer() -> type:
     """TRL's ``SFTTrainer`` with :class:`AdapterCheckpoints`."""
-    from trl import SFTTrainer
+    try:
+        from trl import SFTTrainer
+    except ImportError as exc:
+        raise ImportError(f"LoraSFTTrainer needs TRL (pip install trl): {exc}") from exc
 
     return type("LoraSFTTrainer", (AdapterCheckpoints, SFTTrainer), {"__module__": __name__})
