@@ -22,10 +22,10 @@ fi
 
 unset TRITON_INTERPRET  # the kernels compiled for the device, not interpreted
 tests=0
-timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_devices.py tests/kernels || tests=$?
+timeout 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_devices.py tests/kernels || tests=$?
 [ "$tests" -eq 0 ] || echo "bench/gpu.sh: device tests FAILED (exit $tests); the figures still run"
 
-timeout 330 "$PY" bench/run.py gpu
+timeout 270 "$PY" bench/run.py gpu
 bench=$?
 [ "$bench" -eq 0 ] || echo "bench/gpu.sh: bench/run.py gpu FAILED or timed out (exit $bench)"
 exit $(( tests != 0 ? tests : bench ))

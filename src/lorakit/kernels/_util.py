@@ -62,7 +62,12 @@ def dot_f32() -> bool:
 
 
 def block(n: int, lo: int = 16, hi: int = 64) -> int:
-    """A power-of-two tile size covering ``n`` where it can, between ``lo`` and ``hi``."""
+    """A power-of-two tile size for an axis of length ``n``, between ``lo`` and ``hi``.
+
+    Compiled: ``lo`` for a short axis, else ``hi`` (two sizes per axis, so few variants of each
+    kernel are compiled). Interpreted: the smallest covering ``n``, which is fastest there."""
+    if not interpreting():
+        return lo if n <= lo else hi
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
