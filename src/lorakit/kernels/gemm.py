@@ -116,7 +116,8 @@ def gemm(
         n = n or rows_cols[0 if transpose else 1]
         k = rows_cols[1 if transpose else 0]
         if x is None or x.shape[1] != k:
-            raise AdapterError(f"gemm: x {tuple(x.shape)} does not reduce with W {rows_cols}")
+            got = "no x" if x is None else f"x {tuple(x.shape)}"
+            raise AdapterError(f"gemm: {got} does not reduce with W {rows_cols}")
     else:
         k = 0
     r = 0
