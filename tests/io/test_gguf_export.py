@@ -16,7 +16,7 @@ from lorakit.errors import AdapterFileError, ConfigError
 from lorakit.io import read_adapter
 from lorakit.io.gguf_export import export_gguf
 from lorakit.io.gguf_names import permute_rows, unpermute_rows
-from tiny_models import randomise, tiny_gpt2, tiny_llama
+from tiny_models import LLAMA, randomise, tiny_gpt2, tiny_llama
 
 # llama.cpp computes in float32 in its own order (blocked dot products, its own softmax and
 # RMSNorm): logits of order 1 agree to a few 1e-6; 1e-4 leaves room for other CPUs' kernels.
@@ -291,3 +291,30 @@ def test_the_fast_reader_reads_what_gguf_reads(base, tmp_path):
             assert (mine.name, mine.tensor_type) == (theirs.name, theirs.tensor_type)
             assert mine.shape == tuple(int(n) for n in reversed(theirs.shape))
             assert np.array_equal(mine.data.reshape(-1), theirs.data.view(np.uint8).reshape(-1))
+
+
+@pytest.mark.parametrize("family", ["Qwen2", "Mistral"])
+def test_qwen2_and_mistral_bases_in_llama_cpp(family, tmp_path):
+    """Qwen2 (llama.cpp's qwen2: NeoX rotation, no permutation, q/k/v biases) and Mistral (its
+    llama, permuted) with an rsLoRA adapter on every linear layer, and merged."""
+    import transformers
+
+    model_class = getattr(transformers, f"{family}ForCausalLM")
+    config_class = getattr(transformers, f"{family}Config")
+
+    def build():
+        torch.manual_seed(0)
+        return model_class(config_class(**LLAMA)).eval()
+
+    hf_dir, gguf_base = write_base(build(), tmp_path)
+    config = LoraConfig(r=4, alpha=8, use_rslora=True, target_modules="all-linear")
+    model = randomise(lorakit.apply_lora(build(), config))
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    with torch.no_grad():
+        expected = model(torch.tensor([PROMPT])).logits[0]
+    out = export_gguf(tmp_path / "adapter", tmp_path / "a.gguf", base=hf_dir)
+    torch.testing.assert_close(llama_logits(gguf_base, lora=out), expected, **TOL)
+    merged = export_gguf(
+        tmp_path / "adapter", tmp_path / "m.gguf", base=gguf_base, merged=True, out_type="f32"
+    )
+    torch.testing.assert_close(llama_logits(merged), expected, **TOL)
