@@ -254,20 +254,17 @@ def assert_each_alone(tmp_path: Path, raw: dict, specs: dict, result) -> None:
         assert_same(tmp_path / "many" / "adapters" / name, tmp_path / name)
 
 
-@pytest.mark.skipif(
-    "ATEN_CPU_CAPABILITY" in os.environ,
-    reason="on the narrower kernels (scripts/test_other_kernels.sh) the padded batch's rounding "
-    "can flip which step has the lowest held-out loss; an open item",
-)
 def test_with_adamw_clipping_and_keep_best_each_adapter_equals_its_run_alone(tmp_path):
     adapters = {n: {"lora": LORAS[n]} for n in NAMES}
     adapters["acme"]["evaluation"] = {"every": 1}  # its best step is kept, as alone
-    raw, specs = in_code(tmp_path, adapters, "many", training={"steps": 6, "lr": 0.3})
+    raw, specs = in_code(tmp_path, adapters, "many", training={"steps": 6})
+    # held-out answers that contradict acme's training rows: its held-out loss grows as it
+    # learns, so keep-best must keep an early step (whatever the kernels' rounding)
+    contrary = [{**row, "completion": "zq"} for row in rows("acme", 4)]
+    write_jsonl(Path(specs["acme"]["data"]["eval"]), contrary)
     result = run(build({**raw, "adapters": specs}))
     assert_each_alone(tmp_path, raw, specs, result)
-    assert (
-        result.adapters["acme"].kept_step < 6
-    )  # lr 0.3 overshoots: keep-best took an earlier step
+    assert result.adapters["acme"].kept_step < 6  # keep-best took an earlier step
 
 
 def test_qlora_adapters_share_one_4_bit_base_and_each_equals_its_run_alone(tmp_path):
