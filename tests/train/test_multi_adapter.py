@@ -14,7 +14,6 @@ about 1e-7 and the adapters after a few steps by less than 1e-6 (their values ar
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
