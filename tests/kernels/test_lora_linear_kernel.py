@@ -58,7 +58,8 @@ def _grads(out, leaves, grad):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("rank, tokens", [(1, 1), (8, 13), (16, 7), (64, 5)])
+# (96, 25): 75 rows and rank 96 span more than one tile of rows and of rank
+@pytest.mark.parametrize("rank, tokens", [(1, 1), (8, 13), (16, 7), (64, 5), (96, 25)])
 def test_forward_and_backward_match_the_eager_path(rank, tokens, dtype):
     weight, k = _tensors(rank, dtype, tokens)
     e = _clone(k)

@@ -67,6 +67,16 @@ def test_each_token_adds_its_own_adapter(tokens, dtype):
     assert torch.equal(gout, grad)
 
 
+def test_a_rank_above_one_tile_is_summed_in_chunks():
+    adapters = _adapters(torch.float32, ranks=(80, 2))  # rank 80: two chunks of 64 columns
+    token_map = torch.tensor([0, 1, 0, -1, 0])
+    x = torch.randn(5, IN, device=DEVICE)
+    out = torch.randn(5, OUT, device=DEVICE)
+    got = add_mixed(x, out, pack(adapters), token_map.to(DEVICE))
+    want = _reference(x, out, adapters, token_map)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_tokens_without_an_adapter_keep_their_output_exactly():
     adapters = _adapters(torch.float32)
     token_map = torch.tensor([-1, 2, 0, -1, 3, -1])  # 2: absent from this layer
