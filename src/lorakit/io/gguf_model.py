@@ -17,6 +17,7 @@ Either way the merge is computed in float32 and rounded once to the out type.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -37,7 +38,7 @@ from .gguf_names import (
     unpermute_rows,
 )
 from .gguf_read import read_gguf
-from .gguf_write import add_tensor, check_out, file_type, staged_file, write
+from .gguf_write import add_tensor, check_out, file_type, staged_file, write, write_streamed
 from .merge_state import adapter_modules, merge_state_dict
 
 
@@ -83,9 +84,19 @@ def merge_into_gguf(base: Path, file, target: Path, out_type: str) -> None:
             problems.append(f"{key}: the base's GGUF has no tensor for it ({name or 'no name'})")
         names[key] = name
     gather(problems, AdapterFileError, f"cannot merge {file.directory} into {base}")
-    touched = {key: _to_hf(info, name, _decode(by_name[name])) for key, name in names.items()}
-    merged = merge_state_dict(touched, file)
-    replaced = {names[key]: _to_gguf(info, names[key], w) for key, w in merged.items()}
+    # Every shape checked before anything is written: the merge run on meta tensors.
+    meta = {key: torch.empty(by_name[name].shape, device="meta") for key, name in names.items()}
+    merge_state_dict(meta, file)
+    keys_of = {name: key for key, name in names.items()}
+
+    def produce(t) -> torch.Tensor:
+        """Tensor ``t`` as written: decoded, and merged where the adapter touches it (one
+        tensor at a time, so memory holds one weight and the adapter)."""
+        if t.name not in keys_of:
+            return _decode(t)
+        key = keys_of[t.name]
+        weight = {key: _to_hf(info, t.name, _decode(t))}
+        return _to_gguf(info, t.name, merge_state_dict(weight, file, strict=False)[key])
 
     skipped = ("general.architecture", "general.file_type")
     with staged_file(target) as staged:
@@ -94,10 +105,8 @@ def merge_into_gguf(base: Path, file, target: Path, out_type: str) -> None:
             if key not in skipped:
                 writer.add_key_value(key, value, gguf.GGUFValueType(vtype), sub_type=item)
         writer.add_file_type(file_type(out_type))
-        for t in reader.tensors:
-            tensor = replaced.get(t.name)
-            add_tensor(writer, t.name, tensor if tensor is not None else _decode(t), out_type)
-        write(writer)
+        streamed = [(t.name, t.shape, functools.partial(produce, t)) for t in reader.tensors]
+        write_streamed(writer, streamed, out_type)
 
 
 def _decode(t) -> torch.Tensor:

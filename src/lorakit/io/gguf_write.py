@@ -12,8 +12,9 @@ place, so a crash or an error leaves the old file or the new one, never half of 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -52,20 +53,54 @@ def file_type(out_type: str) -> int:
     }[out_type]
 
 
-def add_tensor(writer, name: str, tensor: torch.Tensor, out_type: str) -> None:
-    """Add ``tensor`` (torch's shape: (out, in) for a weight) to ``writer`` in ``out_type``."""
+def kind_for(shape: tuple[int, ...], out_type: str):
+    """The ``GGMLQuantizationType`` a tensor of ``shape`` is written in (module docstring)."""
+    import gguf
+
+    kind = qtype(out_type) if len(shape) >= 2 else gguf.GGMLQuantizationType.F32
+    if shape[-1] % gguf.GGML_QUANT_SIZES[kind][0]:  # rows that are not whole blocks
+        return gguf.GGMLQuantizationType.F16
+    return kind
+
+
+def nbytes(shape: tuple[int, ...], kind) -> int:
+    """The bytes a tensor of ``shape`` takes in type ``kind``."""
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[kind]
+    return math.prod(shape[:-1]) * (shape[-1] // block) * size
+
+
+def encode(tensor: torch.Tensor, kind) -> np.ndarray:
+    """``tensor`` (torch's shape) as the data of a GGUF tensor of type ``kind``."""
     import gguf
 
     data = tensor.detach().to(torch.float32).contiguous().numpy()
-    kind = qtype(out_type) if data.ndim >= 2 else gguf.GGMLQuantizationType.F32
-    if kind == gguf.GGMLQuantizationType.F32:
-        writer.add_tensor(name, data)
-        return
-    block = gguf.GGML_QUANT_SIZES[kind][0]
-    if data.shape[-1] % block:  # rows that are not whole blocks: float16, as the converter does
-        writer.add_tensor(name, data.astype(np.float16))
-        return
-    writer.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
+    return gguf.quants.quantize(data, kind)
+
+
+def add_tensor(writer, name: str, tensor: torch.Tensor, out_type: str) -> None:
+    """Add ``tensor`` (torch's shape: (out, in) for a weight) to ``writer`` in ``out_type``."""
+    kind = kind_for(tuple(tensor.shape), out_type)
+    writer.add_tensor(name, encode(tensor, kind), raw_dtype=kind)
+
+
+def write_streamed(writer, tensors: list[tuple[str, tuple[int, ...], Callable]], out_type: str):
+    """Write a ``gguf.GGUFWriter`` whose metadata is added, then ``tensors`` (name, shape, a
+    function giving the tensor) one at a time: only one tensor is in memory at once."""
+    kinds = []
+    for name, shape, _ in tensors:
+        kinds.append(kind_for(shape, out_type))
+        writer.add_tensor_info(name, shape, np.float32, nbytes(shape, kinds[-1]), kinds[-1])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for (name, shape, produce), kind in zip(tensors, kinds):
+        tensor = produce()
+        if tuple(tensor.shape) != shape:
+            raise ConfigError(f"{name}: shape {tuple(tensor.shape)}, announced {shape}")
+        writer.write_tensor_data(encode(tensor, kind))
+    writer.close()
 
 
 def check_out(out: str | os.PathLike, overwrite: bool) -> Path:
