@@ -318,3 +318,22 @@ def test_qwen2_and_mistral_bases_in_llama_cpp(family, tmp_path):
         tmp_path / "adapter", tmp_path / "m.gguf", base=gguf_base, merged=True, out_type="f32"
     )
     torch.testing.assert_close(llama_logits(merged), expected, **TOL)
+
+
+def test_an_adapter_written_by_combine_in_llama_cpp(base, tmp_path):
+    """``combine`` ("cat") writes per-layer ranks (6 where both adapters are, 4 elsewhere) with
+    alpha = r per layer in rank_pattern / alpha_pattern; llama.cpp's converter would read one
+    lora_alpha for all of them."""
+    hf_dir, gguf_base = base
+    model = lorakit.apply_lora(tiny_llama(), CASES["rslora"], "a")
+    lorakit.apply_lora(model, LoraConfig(r=2, alpha=8, target_modules=["q_proj", "v_proj"]), "b")
+    randomise(model)
+    lorakit.combine(model, {"a": 0.7, "b": 0.5}, "cat", "both")
+    lorakit.set_adapter(model, "both")
+    lorakit.save_adapter(model, tmp_path / "both", "both")
+    saved = json.loads((tmp_path / "both" / "adapter_config.json").read_text())
+    assert saved["rank_pattern"] and saved["alpha_pattern"]
+    with torch.no_grad():
+        expected = model(torch.tensor([PROMPT])).logits[0]
+    out = export_gguf(tmp_path / "both", tmp_path / "both.gguf", base=hf_dir)
+    torch.testing.assert_close(llama_logits(gguf_base, lora=out), expected, **TOL)
