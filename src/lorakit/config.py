@@ -108,6 +108,11 @@ class LoraConfig:
         fused_slices: ``{name: (True, False, True)}`` adapts a fused projection slice by slice:
             its output is split into equal parts and only the ``True`` parts get an adapter (GPT-2's
             ``c_attn`` on q and v, as in the LoRA paper's GPT-2 experiments).
+
+    A keyword that is not a field is an ``UnknownFieldError`` (a ``ConfigError`` and a
+    ``TypeError``); PEFT's names (``lora_alpha``, ``lora_dropout``, ``init_lora_weights``,
+    ``layers_to_transform``) are answered with lorakit's field. ``apply_lora`` also takes a
+    ``peft.LoraConfig`` object.
     """
 
     r: int = 8
