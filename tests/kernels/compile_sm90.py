@@ -37,7 +37,10 @@ def compiled(kernel, types: dict, consts: dict, fusion: bool = True):
         else:
             sig[name] = types[name]
     source = ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
-    return triton.compile(source, target=SM90, options={"enable_fp_fusion": fusion}).asm
+    options = {"enable_fp_fusion": fusion}
+    if kernel is gemm._gemm_kernel:  # the warps gemm() launches it with
+        options["num_warps"] = gemm.warps(consts["BLOCK_M"], consts["BLOCK_N"])
+    return triton.compile(source, target=SM90, options=options).asm
 
 
 def gemm_types(dtype: str) -> dict:
