@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from tiny_gguf import PROMPT, llama_logits, write_base
+from tiny_gguf import PROMPT, llama_cpp, llama_logits, write_base
 
 import lorakit
 from lorakit import LoraConfig
@@ -150,6 +150,9 @@ def test_merged_from_a_directory_base_matches_the_gguf_route(base, tmp_path):
     _save_byte_level_tokenizer(hf_dir, vocab_size=tiny_llama().config.vocab_size)
     out = export_gguf(adapter, tmp_path / "m.gguf", base=hf_dir, merged=True, out_type="f32")
     torch.testing.assert_close(llama_logits(out), expected, **TOL)
+    llm = llama_cpp().Llama(model_path=str(out), vocab_only=True, verbose=False)
+    vocab_size = tiny_llama().config.vocab_size
+    assert llm.tokenize(b"!<|end|>", add_bos=False, special=True) == [0, vocab_size - 1]
 
 
 def _save_byte_level_tokenizer(directory, vocab_size: int) -> None:
@@ -159,7 +162,7 @@ def _save_byte_level_tokenizer(directory, vocab_size: int) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    chars = sorted(alphabet)[: vocab_size - 2]
+    chars = sorted(alphabet)[: vocab_size - 3]
     vocab = {c: i for i, c in enumerate(chars)}
     merges = [(chars[0], chars[1]), (chars[2], chars[3])]
     for left, right in merges:
@@ -167,6 +170,7 @@ def _save_byte_level_tokenizer(directory, vocab_size: int) -> None:
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(["<|end|>"])  # the last id: matched whole, as a control token
     tokenizer.save(str(directory / "tokenizer.json"))
 
 

@@ -208,15 +208,17 @@ def write_model_gguf(
 def add_bpe_vocab(writer, directory: Path) -> None:
     """The tokenizer of ``directory/tokenizer.json`` (byte-level BPE, "gpt2" in llama.cpp's
     terms) as GGUF metadata: tokens, their types, merges, special tokens, chat template."""
+    import gguf
     from gguf.vocab import BpeVocab, SpecialVocab
 
     path = directory / "tokenizer.json"
     try:
-        model = json.loads(path.read_text(encoding="utf-8")).get("model", {})
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ConfigError(
             f"{path}: cannot read the tokenizer ({exc}); give the base's .gguf file as the base"
         ) from None
+    model = data.get("model", {})
     refused = ConfigError(
         f"{path}: a {model.get('type')!r} tokenizer; only byte-level BPE tokenizers are "
         "converted here, give the base's .gguf file as the base"
@@ -231,6 +233,12 @@ def add_bpe_vocab(writer, directory: Path) -> None:
     for text, _score, kind in bpe.all_tokens():
         tokens.append(text)
         types.append(kind)
+    # Added tokens are matched whole before BPE: special ones (<|im_start|>) as CONTROL, others
+    # as USER_DEFINED, as llama.cpp's converter marks them.
+    for added in data.get("added_tokens") or []:
+        if 0 <= added.get("id", -1) < len(types):
+            special = added.get("special")
+            types[added["id"]] = gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED
     writer.add_tokenizer_model("gpt2")
     # The pre-tokenizer's regex is llama.cpp's default ("gpt2"); a base whose converter names
     # another (SmolLM2: "smollm") splits text the same way for most inputs, but give its .gguf
