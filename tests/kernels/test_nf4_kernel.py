@@ -28,7 +28,8 @@ def _weight(shape, quant_type="nf4", **options):
     [
         ((48, 80), "nf4", 64, True),
         ((48, 80), "nf4", 64, False),
-        ((33, 70), "nf4", 128, True),  # odd count, a short last block, a padded last byte
+        ((33, 71), "nf4", 128, True),  # odd count, a short last block, a padded last byte
+        ((33, 71), "nf4", 4096, False),  # one short block larger than a program's 1024
         ((72, 64), "fp4", 64, True),
         ((300, 64), "nf4", 64, True),  # 300 blocks: two nested blocks of absmax codes
     ],

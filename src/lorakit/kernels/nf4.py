@@ -38,6 +38,24 @@ NESTED = 256  # bitsandbytes' nested block size (lorakit.quant.blockwise.NESTED_
 
 
 @triton.jit
+def block_scales(
+    blk, mask, absmax_ptr, nested_ptr, nested_code_ptr, offset,
+    DOUBLE: tl.constexpr, HAS_OFFSET: tl.constexpr,
+):  # fmt: skip
+    """float32 scale of each 4-bit block ``blk`` (any shape): the absmax, or its 8-bit code
+    decoded (``nested_code[c] · nested_absmax[b // 256] + offset``, two roundings)."""
+    if DOUBLE:
+        c = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(nested_code_ptr + c, mask=mask, other=0.0)
+        scale = scale * tl.load(nested_ptr + blk // 256, mask=mask, other=0.0)
+        if HAS_OFFSET:
+            scale = scale + offset
+    else:
+        scale = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+    return scale
+
+
+@triton.jit
 def quant_values(
     idx,
     mask,
@@ -55,15 +73,9 @@ def quant_values(
     byte = tl.load(packed_ptr + idx // 2, mask=mask, other=0).to(tl.int32)
     q = (byte >> ((1 - idx % 2) * 4)) & 0xF  # element 0 of a byte in its high nibble
     v = tl.load(code_ptr + q, mask=mask, other=0.0)
-    blk = idx // BLOCKSIZE
-    if DOUBLE:
-        c = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(nested_code_ptr + c, mask=mask, other=0.0)
-        scale = scale * tl.load(nested_ptr + blk // 256, mask=mask, other=0.0)
-        if HAS_OFFSET:
-            scale = scale + offset
-    else:
-        scale = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+    scale = block_scales(
+        idx // BLOCKSIZE, mask, absmax_ptr, nested_ptr, nested_code_ptr, offset, DOUBLE, HAS_OFFSET
+    )
     return v * scale
 
 
@@ -82,13 +94,23 @@ def _dequantize_kernel(
     HAS_OFFSET: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = idx < n
-    v = quant_values(
-        idx, mask, packed_ptr, code_ptr, absmax_ptr, nested_ptr, nested_code_ptr, offset,
-        BLOCKSIZE, DOUBLE, HAS_OFFSET,
+    """BLOCK elements a program (a whole number of 4-bit blocks): each byte read once and both
+    its codes decoded, the values interleaved back into element order, each block's scale
+    decoded once and broadcast over its BLOCKSIZE values."""
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid * (BLOCK // 2) + tl.arange(0, BLOCK // 2)
+    byte = tl.load(packed_ptr + b, mask=b < (n + 1) // 2, other=0).to(tl.int32)
+    high = tl.load(code_ptr + (byte >> 4))
+    low = tl.load(code_ptr + (byte & 0xF))
+    v = tl.interleave(high, low)  # (BLOCK,): element 2i from the high nibble of byte i
+    blk = pid * (BLOCK // BLOCKSIZE) + tl.arange(0, BLOCK // BLOCKSIZE)
+    scale = block_scales(
+        blk, blk < tl.cdiv(n, BLOCKSIZE), absmax_ptr, nested_ptr, nested_code_ptr, offset,
+        DOUBLE, HAS_OFFSET,
     )  # fmt: skip
-    store_as(out_ptr + idx, v, mask)
+    v = tl.reshape(tl.reshape(v, (BLOCK // BLOCKSIZE, BLOCKSIZE)) * scale[:, None], (BLOCK,))
+    idx = pid * BLOCK + tl.arange(0, BLOCK)
+    store_as(out_ptr + idx, v, idx < n)
 
 
 def weight_args(weight: QuantizedWeight) -> tuple:
@@ -120,7 +142,7 @@ def dequantize(weight: QuantizedWeight, dtype: torch.dtype | None = None) -> tor
     tensors, consts = weight_args(weight)
     n = weight.numel()
     out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
-    block = 1024
+    block = max(1024, weight.blocksize)  # whole 4-bit blocks per program
     _dequantize_kernel[(triton.cdiv(n, block),)](
         out, n, *tensors, **consts, BLOCK=block, enable_fp_fusion=False
     )
