@@ -85,9 +85,14 @@ def test_float32_against_the_float64_formula(rank):
         torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("per_tile", [True, False], ids=["decoded-per-tile", "decoded-once"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("rank", [2, 16])
-def test_a_4bit_base_decoded_per_tile_matches_quantized_linear(rank, dtype):
+def test_a_4bit_base_matches_quantized_linear(rank, dtype, per_tile, monkeypatch):
+    from lorakit.kernels import gemm
+
+    # 27 rows: under the row limit as it is, over it when the limit is 8
+    monkeypatch.setattr(gemm, "DECODE_PER_TILE_MAX_ROWS", 128 if per_tile else 8)
     weight, k = _tensors(rank, dtype, 9, quantized=True)
     e = _clone(k)
     got = lora_linear(k["x"], weight, k["bias"], k["a"], k["b"], 1.5)

@@ -25,7 +25,7 @@ import triton.language as tl
 from ..errors import AdapterError
 from ..quant.weight import QuantizedWeight
 from ._util import block, dot, dot_f32, store_as, to_dtype
-from .nf4 import quant_values, weight_args
+from .nf4 import dequantize, quant_values, weight_args
 
 
 @triton.jit
@@ -136,6 +136,9 @@ def gemm(
     if m == 0 or n == 0:
         return out.zero_() if acc is None else out.copy_(acc)
     quant = isinstance(weight, QuantizedWeight)
+    if quant and m > DECODE_PER_TILE_MAX_ROWS:
+        lora = (low, right, right_transpose, scale)
+        return _decoded_once(x, weight, transpose, out.dtype, *lora, bias, acc)
     dummy = out
     if quant:
         q_tensors, consts = weight_args(weight)
@@ -158,6 +161,29 @@ def gemm(
         enable_fp_fusion=not quant, num_warps=warps(block_m, block_n),
     )  # fmt: skip
     return out
+
+
+#: a 4-bit W is decoded tile by tile inside the GEMM for at most this many rows of x: each
+#: program of BLOCK_M rows decodes its own tiles, so W is decoded M / BLOCK_M times over. Few rows
+#: (decoding, small batches): the codes are the only weight bytes read. More rows (training,
+#: prefill): W is decoded once, whole, by :func:`.nf4.dequantize`, and torch's GEMM runs on it
+#: (a weight-sized temporary for the time of one product, as bitsandbytes does).
+DECODE_PER_TILE_MAX_ROWS = 128
+
+
+def _decoded_once(x, weight, transpose, out_dtype, low, right, right_transpose, scale, bias, acc):
+    dense = dequantize(weight, x.dtype)  # freed when this returns
+    base = x @ (dense.t() if transpose else dense)
+    if bias is not None:
+        base += bias
+    if acc is not None:
+        base += acc
+    if low is None:
+        return base.to(out_dtype)
+    return gemm(
+        None, None, low=low, right=right, right_transpose=right_transpose, scale=scale, acc=base,
+        dtype=out_dtype,
+    )  # fmt: skip
 
 
 def _c(t: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
