@@ -28,16 +28,8 @@ import torch
 from ..errors import AdapterFileError, ConfigError, gather
 from ..models import embedded_model_path, is_embedded
 from .adapter import read_adapter
-from .gguf_names import (
-    GgufBase,
-    base_from_config,
-    gguf_base,
-    gguf_name,
-    heads_permuted,
-    permute_rows,
-    unpermute_rows,
-)
-from .gguf_read import read_gguf
+from .gguf_names import base_from_config, gguf_base, gguf_name, to_gguf, to_hf
+from .gguf_read import decode, read_gguf
 from .gguf_write import add_tensor, check_out, file_type, staged_file, write, write_streamed
 from .merge_state import adapter_modules, merge_state_dict
 
@@ -93,10 +85,10 @@ def merge_into_gguf(base: Path, file, target: Path, out_type: str) -> None:
         """Tensor ``t`` as written: decoded, and merged where the adapter touches it (one
         tensor at a time, so memory holds one weight and the adapter)."""
         if t.name not in keys_of:
-            return _decode(t)
+            return decode(t)
         key = keys_of[t.name]
-        weight = {key: _to_hf(info, t.name, _decode(t))}
-        return _to_gguf(info, t.name, merge_state_dict(weight, file, strict=False)[key])
+        weight = {key: to_hf(info, t.name, decode(t))}
+        return to_gguf(info, t.name, merge_state_dict(weight, file, strict=False)[key])
 
     skipped = ("general.architecture", "general.file_type")
     with staged_file(target) as staged:
@@ -107,24 +99,6 @@ def merge_into_gguf(base: Path, file, target: Path, out_type: str) -> None:
         writer.add_file_type(file_type(out_type))
         streamed = [(t.name, t.shape, functools.partial(produce, t)) for t in reader.tensors]
         write_streamed(writer, streamed, out_type)
-
-
-def _decode(t) -> torch.Tensor:
-    """A GGUF tensor as float32, torch's shape."""
-    import gguf
-
-    values = gguf.quants.dequantize(t.data, t.tensor_type)
-    return torch.from_numpy(values.astype("float32", copy=True)).reshape(t.shape)
-
-
-def _to_hf(info: GgufBase, name: str, weight: torch.Tensor) -> torch.Tensor:
-    heads = heads_permuted(info, name)
-    return weight if heads is None else unpermute_rows(weight, heads)
-
-
-def _to_gguf(info: GgufBase, name: str, weight: torch.Tensor) -> torch.Tensor:
-    heads = heads_permuted(info, name)
-    return weight if heads is None else permute_rows(weight, heads)
 
 
 # -- a transformers directory ------------------------------------------------------------------
@@ -178,7 +152,7 @@ def write_model_gguf(
         if name is None:
             problems.append(f"{key}: no {arch} tensor of llama.cpp holds it")
             continue
-        named[name] = _to_gguf(info, name, tensor.float())
+        named[name] = to_gguf(info, name, tensor.float())
     gather(problems, ConfigError, f"cannot write {source}")
 
     with staged_file(target) as staged:

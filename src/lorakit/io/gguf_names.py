@@ -178,3 +178,15 @@ def unpermute_rows(rows: torch.Tensor, n_head: int) -> torch.Tensor:
     out = rows.shape[0]
     grouped = rows.reshape(n_head, out // n_head // 2, 2, *rows.shape[1:])
     return grouped.transpose(1, 2).reshape(rows.shape)
+
+
+def to_hf(base: GgufBase, name: str, weight: torch.Tensor) -> torch.Tensor:
+    """GGUF tensor ``name`` of ``base`` in transformers' row order."""
+    heads = heads_permuted(base, name)
+    return weight if heads is None else unpermute_rows(weight, heads)
+
+
+def to_gguf(base: GgufBase, name: str, weight: torch.Tensor) -> torch.Tensor:
+    """A transformers tensor in the row order of GGUF tensor ``name`` of ``base``."""
+    heads = heads_permuted(base, name)
+    return weight if heads is None else permute_rows(weight, heads)

@@ -117,3 +117,12 @@ def read_gguf(path: str | Path) -> GgufFile:
     except (ValueError, struct.error, IndexError, KeyError, UnicodeError) as exc:
         raise ConfigError(f"{path}: not a GGUF file llama.cpp reads ({exc})") from None
     return GgufFile(path, fields, tensors)
+
+
+def decode(t: GgufTensor):
+    """A GGUF tensor's values as a float32 torch tensor of its shape."""
+    import gguf
+    import torch
+
+    values = gguf.quants.dequantize(t.data, t.tensor_type)
+    return torch.from_numpy(values.astype(np.float32, copy=True)).reshape(t.shape)
