@@ -5,7 +5,8 @@ a kernel may run, and the kernel modules (which import triton) are imported by t
 kernel is actually called.
 
 * :mod:`.lora_linear` ``y = x Wᵀ + bias + s (x Aᵀ) Bᵀ`` forward and backward, W dense or 4-bit
-  (dequantized tile by tile, never whole), the low-rank term fused into the GEMM's epilogue;
+  (decoded tile by tile for few rows, once per product for many), the low-rank term fused into
+  the GEMM's epilogue;
 * :mod:`.mixed` shrink / expand for mixed-adapter batches driven by a token → adapter map, with
   adapters of different ranks packed without padding (Punica's SGMV, vLLM's lora_shrink/expand);
 * :mod:`.nf4` 4-bit (NF4/FP4) dequantization with double-quantized scales, bit-identical to

@@ -4,7 +4,8 @@
 
 each term optional. ``W`` is a dense matrix or a 4-bit :class:`~lorakit.quant.QuantizedWeight`
 whose tiles are decoded from the codes as they are loaded (:func:`.nf4.quant_values`), so no
-weight-sized tensor is ever written; either W or Rm may be read transposed (``x Wᵀ`` for a
+weight-sized tensor is written (up to ``DECODE_PER_TILE_MAX_ROWS`` rows of x; past that W is
+decoded once, see there); either W or Rm may be read transposed (``x Wᵀ`` for a
 forward pass, ``dy W`` for its backward). Each program owns one (BLOCK_M, BLOCK_N) tile of the
 output: it walks K in BLOCK_K steps for the base product, then R in BLOCK_R steps for the
 low-rank product (the *epilogue*: the second GEMM of LoRA runs in the same program, on the tile

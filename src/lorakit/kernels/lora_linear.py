@@ -12,9 +12,10 @@ Backward, from dy (M, N), W frozen (unsloth's LoRA_MLP / LoRA_QKV derivation):
     dA  = s · dybᵀ x                            (r, K)
     dB  = s · dyᵀ xa                            (N, r)
 
-Only x and xa (M, r) are kept for backward besides the adapters; nothing weight-sized is ever
-written: a 4-bit W is decoded tile by tile inside both GEMMs (QLoRA, section 3) and a dense W is
-only read. The sums are float32 and each output is rounded once.
+Only x and xa (M, r) are kept for backward besides the adapters, and nothing weight-sized is
+saved: a dense W is only read, and a 4-bit W is decoded again in the backward (QLoRA, section 3),
+tile by tile inside both GEMMs for few rows and whole, for the time of one product, for many
+(``gemm.DECODE_PER_TILE_MAX_ROWS``). The sums are float32 and each output is rounded once.
 
 :func:`lora_linear` is the whole layer; :func:`lora_linear_group` several layers that read the
 same input (q/k/v, gate/up: unsloth's LoRA_QKV), with one shrink ``x [A_1; ...; A_n]ᵀ`` for all

@@ -17,8 +17,8 @@ launched with ``enable_fp_fusion=False`` so that no multiply-add is contracted i
 rounding to nearest even, as ``Tensor.to`` does.
 
 :func:`quant_values` is the jit function every kernel that reads a 4-bit weight uses (the GEMM of
-:mod:`.gemm` calls it on each tile, so a weight is never decoded whole). :func:`dequantize`
-writes the whole weight (the reference is ``QuantizedWeight.dequantize``);
+:mod:`.gemm` calls it on each tile, so for few rows of input a weight is never decoded whole).
+:func:`dequantize` writes the whole weight (the reference is ``QuantizedWeight.dequantize``);
 :func:`dequantize_matmul` is ``x Wᵀ + bias`` on the codes.
 """
 
@@ -174,7 +174,7 @@ class _DequantizedMatmul(torch.autograd.Function):
 def dequantize_matmul(
     x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``x Wᵀ + bias`` with W read from its 4-bit codes tile by tile (never dense), computed in
+    """``x Wᵀ + bias`` with W read from its 4-bit codes (tile by tile for few rows), computed in
     ``weight.compute_dtype`` and returned in ``x``'s dtype, as ``quantized_linear`` does;
     differentiable in x and bias."""
     dtype = weight.compute_dtype
