@@ -108,13 +108,15 @@ def test_an_adapted_model_trains_the_same_with_kernels(build, monkeypatch):
 def test_a_mixed_batch_of_many_adapters_uses_the_sgmv_kernels():
     names = [f"n{i}" for i in range(6)]  # more than GROUPED_MAX_ADAPTERS: the stacked path
     model = _adapted(names)
-    # 5 distinct adapters, not in blocks, a repeated one and a row without an adapter
-    rows = ["n3", None, "n0", "n5", "n3", "n1", "n2", "n0"]
     ids = torch.randint(2, LLAMA["vocab_size"], (8, 5), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad(), lorakit.adapter_per_row(model, rows):
-        want = model(ids.to(DEVICE)).logits
-        with kernels.use_kernels(True):
-            got = model(ids.to(DEVICE)).logits
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)  # another summation order
+    # 5 distinct adapters, not in blocks, a repeated one and a row without an adapter; then
+    # another assignment and the first again (each plan's token segments are its own)
+    first = ["n3", None, "n0", "n5", "n3", "n1", "n2", "n0"]
+    for rows in (first, ["n1", "n2", "n4", None, "n5", "n0", "n0", "n3"], first):
+        with torch.no_grad(), lorakit.adapter_per_row(model, rows):
+            want = model(ids.to(DEVICE)).logits
+            with kernels.use_kernels(True):
+                got = model(ids.to(DEVICE)).logits
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)  # another summation order
     layer = next(layer for _, layer in lorakit.lora_layers(model))
     assert layer._packed_cache[1].ranks.tolist() == [2, 5, 8, 11, 14, 17]  # unpadded

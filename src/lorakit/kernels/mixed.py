@@ -27,6 +27,7 @@ reference.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -233,14 +234,21 @@ def add_mixed(
             f"add_mixed: x {tuple(x.shape)} and out {tuple(out.shape)} do not fit adapters "
             f"with A (r, {packed.a.shape[1]}) and B ({packed.bt.shape[1]}, r)"
         )
+    return _Mixed.apply(
+        x.contiguous(), out.contiguous(), packed, _checked_segments(token_map, x, len(packed))
+    )
+
+
+def _checked_segments(token_map: torch.Tensor, x: torch.Tensor, n: int) -> tuple:
+    """:func:`segments` of a map checked to name packed adapters only (the check reads the map's
+    largest entry on the host, so it is skipped while a CUDA graph is being captured)."""
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not capturing and token_map.numel() and int(token_map.max()) >= len(packed):
+    if not capturing and token_map.numel() and int(token_map.max()) >= n:
         raise AdapterError(
             f"add_mixed: token_map holds adapter {int(token_map.max())} but only "
-            f"{len(packed)} adapters are packed (valid: -1 to {len(packed) - 1})"
+            f"{n} adapters are packed (valid: -1 to {n - 1})"
         )
-    segs = segments(token_map.to(x.device), len(packed))
-    return _Mixed.apply(x.contiguous(), out.contiguous(), packed, segs)
+    return segments(token_map.to(x.device), n)
 
 
 def add_rows(layer, x: torch.Tensor, out: torch.Tensor, table, slots: torch.Tensor) -> torch.Tensor:
@@ -252,12 +260,30 @@ def add_rows(layer, x: torch.Tensor, out: torch.Tensor, table, slots: torch.Tens
     is.
     """
     packed = _packed_for(layer, table)
-    rows = x.shape[0]
     flat_x = x.reshape(-1, x.shape[-1])
-    per_row = flat_x.shape[0] // rows
-    token_map = (slots.to(x.device) - 1).repeat_interleave(per_row)  # slot 0 -> -1
-    y = add_mixed(flat_x, out.reshape(-1, out.shape[-1]), packed, token_map)
+    segs = _plan_segments(slots, flat_x, flat_x.shape[0] // x.shape[0], len(packed))
+    y = _Mixed.apply(flat_x.contiguous(), out.reshape(-1, out.shape[-1]).contiguous(), packed, segs)
     return y.view(out.shape)
+
+
+#: id(slots) -> (weak reference to slots, {(tokens per row, adapters): segments}): the segments
+#: of a plan's rows, formed by its first layer and read by the others (no per-layer sort, and one
+#: host read of the map per plan instead of one per layer); an entry dies with its plan's slots
+_plan_cache: dict[int, tuple] = {}
+
+
+def _plan_segments(slots: torch.Tensor, flat_x: torch.Tensor, per_row: int, n: int) -> tuple:
+    entry = _plan_cache.get(id(slots))
+    if entry is None or entry[0]() is not slots:
+        if len(_plan_cache) > 64:  # forget the plans that are gone
+            for key in [k for k, (ref, _) in _plan_cache.items() if ref() is None]:
+                del _plan_cache[key]
+        entry = _plan_cache[id(slots)] = (weakref.ref(slots), {})
+    segs = entry[1].get((per_row, n))
+    if segs is None:
+        token_map = (slots.to(flat_x.device) - 1).repeat_interleave(per_row)  # slot 0 -> -1
+        segs = entry[1][(per_row, n)] = _checked_segments(token_map, flat_x, n)
+    return segs
 
 
 def _packed_for(layer, table) -> Packed:
