@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from tiny_gguf import PROMPT, llama_cpp, llama_logits, write_base
+from tiny_gguf import PROMPT, add_tiny_vocab, llama_cpp, llama_logits, write_base
 
 import lorakit
 from lorakit import LoraConfig
@@ -355,3 +355,25 @@ def test_an_adapter_file_in_16_or_8_bits(out_type, atol, base, tmp_path):
     got = llama_logits(gguf_base, lora=out)
     torch.testing.assert_close(got, expected, atol=atol, rtol=0)
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+def test_an_adapter_of_another_base_is_refused_unless_allowed(base, tmp_path):
+    """The fingerprint check of load_adapter, computed from the base's files: a float GGUF or a
+    directory by its weights, a quantized GGUF (the usual llama.cpp base) by its shapes."""
+    from lorakit.io.gguf_model import write_model_gguf
+
+    hf_dir, gguf_base = base
+    adapter, _ = adapted(CASES["plain"], tmp_path)
+    other_dir, other_gguf = write_base(tiny_llama(seed=1), tmp_path / "other")
+    for other in (other_dir, other_gguf):
+        with pytest.raises(AdapterFileError, match=r"(?s)another base model.*weights differ"):
+            export_gguf(adapter, tmp_path / "x.gguf", base=other)
+    with pytest.warns(UserWarning, match="exporting it anyway"):
+        export_gguf(adapter, tmp_path / "x.gguf", base=other_gguf, allow_base_mismatch=True)
+    config = json.loads((hf_dir / "config.json").read_text())
+    quantized = tmp_path / "q8_0.gguf"
+    state = {k: v.detach() for k, v in tiny_llama().state_dict().items()}
+    write_model_gguf(quantized, config, state, lambda w: add_tiny_vocab(w, config["vocab_size"]), "q8_0")
+    export_gguf(adapter, tmp_path / "y.gguf", base=quantized)  # the same shapes: accepted
+    with pytest.raises(AdapterFileError, match=r"(?s)another base model.*weights differ"):
+        export_gguf(adapter, tmp_path / "z.gguf", base=other_gguf, merged=True)

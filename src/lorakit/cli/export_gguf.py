@@ -50,6 +50,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="tensor type (default: f32 for an adapter, f16 for a merged model)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace OUT.gguf if it exists")
+    parser.add_argument(
+        "--allow-base-mismatch",
+        action="store_true",
+        help="export even if the adapter's fingerprint names another base model",
+    )
     return parser
 
 
@@ -77,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
         merged=args.merged,
         out_type=args.outtype,
         overwrite=args.overwrite,
+        allow_base_mismatch=args.allow_base_mismatch,
     )
     print(describe(target, time.perf_counter() - start))
     return 0

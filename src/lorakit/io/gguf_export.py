@@ -36,6 +36,7 @@ import torch
 from ..config import LoraConfig
 from ..errors import AdapterFileError, ConfigError, gather
 from .adapter import AdapterFile, read_adapter
+from .gguf_base_check import check_base
 from .gguf_names import GgufBase, gguf_base, gguf_name, heads_permuted, permute_rows
 from .gguf_write import add_tensor, check_out, staged_file, write
 from .merge_state import adapter_modules
@@ -52,6 +53,7 @@ def export_gguf(
     merged: bool = False,
     out_type: str | None = None,
     overwrite: bool = False,
+    allow_base_mismatch: bool = False,
 ) -> Path:
     """Write the adapter directory ``adapter`` as a GGUF file ``out`` for llama.cpp and ollama.
 
@@ -60,17 +62,27 @@ def export_gguf(
     (``gguf_model.export_merged_gguf``). ``base``: a transformers directory, a ``.gguf`` file or
     None (the base the adapter records: a path, or the embedded model); for an adapter only its
     architecture, sizes and tensor names are read. ``out_type``: ``f32`` (an adapter's default),
-    ``f16`` (a merged model's default), ``bf16`` or ``q8_0``. Returns ``out``.
+    ``f16`` (a merged model's default), ``bf16`` or ``q8_0``. The base the adapter records
+    (its fingerprint) must be ``base``, as for ``load_adapter`` (``gguf_base_check``), unless
+    ``allow_base_mismatch``. Returns ``out``.
     """
     check_out_type(out_type)
     if merged:
         from .gguf_model import export_merged_gguf
 
-        return export_merged_gguf(base, adapter, out, out_type or "f16", overwrite=overwrite)
+        return export_merged_gguf(
+            base,
+            adapter,
+            out,
+            out_type or "f16",
+            overwrite=overwrite,
+            allow_base_mismatch=allow_base_mismatch,
+        )
     target = check_out(out, overwrite)
     file = read_adapter(adapter)
     info = gguf_base(recorded_base(adapter) if base is None else base)
     pairs, alpha = gguf_lora_tensors(file, info)
+    check_base(file, info, allow_base_mismatch)
 
     import gguf
 

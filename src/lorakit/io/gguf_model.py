@@ -28,6 +28,7 @@ import torch
 from ..errors import AdapterFileError, ConfigError, gather
 from ..models import embedded_model_path, is_embedded
 from .adapter import read_adapter
+from .gguf_base_check import check_base
 from .gguf_names import base_from_config, gguf_base, gguf_name, to_gguf, to_hf
 from .gguf_read import decode, read_gguf
 from .gguf_write import add_tensor, check_out, file_type, staged_file, write, write_streamed
@@ -41,6 +42,7 @@ def export_merged_gguf(
     out_type: str = "f16",
     *,
     overwrite: bool = False,
+    allow_base_mismatch: bool = False,
 ) -> Path:
     """Write ``base`` with the adapter directory ``adapter`` merged in as the GGUF model ``out``
     (module docstring). ``base``: a ``.gguf`` file, a transformers directory, or None (the base
@@ -51,6 +53,7 @@ def export_merged_gguf(
     file = read_adapter(adapter)
     source = recorded_base(adapter) if base is None else base
     path = embedded_model_path() if is_embedded(source) else Path(source)
+    check_base(file, gguf_base(path), allow_base_mismatch)
     if path.is_dir():
         config = _config(path)
         tensors = merge_state_dict(_load_safetensors(path), file)

@@ -43,7 +43,8 @@ PERMUTED = {"llama"}
 class GgufBase:
     """The base model as a GGUF export sees it."""
 
-    source: str  # the path given, for messages
+    source: str  # the base as messages name it
+    path: str  # its directory or .gguf file
     arch: str  # llama.cpp's general.architecture
     n_layers: int
     n_head: int
@@ -91,6 +92,7 @@ def base_from_config(config: dict, source: str) -> GgufBase:
     n_head = int(config["num_attention_heads"])
     return GgufBase(
         source=source,
+        path=source,
         arch=arch,
         n_layers=int(config["num_hidden_layers"]),
         n_head=n_head,
@@ -125,6 +127,7 @@ def _from_gguf(path: Path) -> GgufBase:
     shapes = {t.name: t.shape for t in file.tensors}
     return GgufBase(
         source=str(path),
+        path=str(path),
         arch=arch,
         n_layers=int(_field(file, gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch))),
         n_head=n_head,
