@@ -13,11 +13,12 @@ so an adapter of rank 4 beside one of rank 64 costs rank 4. Only the small inter
 columns.
 
 The tokens are grouped by adapter with fixed-shape tensor operations (a stable sort of the map,
-a bincount and a cumulative sum, :func:`segments`), never on the host, and both kernels launch a
-fixed grid (adapters × token blocks × column blocks) whose programs past the end of their
-adapter's segment or rank return at once: the same launch serves any map of the same length, so
-the kernels can be captured in a CUDA graph for decoding. Each program multiplies a block of one
-adapter's tokens with ``tl.dot``.
+a count by scatter-add and a cumulative sum, :func:`segments`), never on the host, and both
+kernels launch a fixed grid (adapters × token blocks × column blocks) whose programs past the
+end of their adapter's segment or rank return at once: the same launch serves any map of the
+same length, so the kernels can be captured in a CUDA graph for decoding. In a model, a row
+plan's segments are formed once, by its first layer, and shared by the others. Each program
+multiplies a block of one adapter's tokens with ``tl.dot``.
 
 Gradients reach x (``dx[t] = s_a · (dy[t] B_a) A_a``, the same two kernels with A and Bᵀ
 swapped) and ``out``; the packed adapters are constants here (serving). Training several
@@ -66,10 +67,12 @@ def pack(adapters: Sequence[tuple[torch.Tensor, torch.Tensor, float] | None]) ->
     k, n, dtype = a0.shape[1], b0.shape[0], a0.dtype
     a_parts, b_parts, offsets, ranks, scales, row = [], [], [], [], [], 0
     for i, item in enumerate(adapters):
-        if item is None:
-            offsets.append(row), ranks.append(0), scales.append(0.0)
+        a, b, s = item if item is not None else (None, None, 0.0)
+        offsets.append(row)
+        ranks.append(0 if a is None else a.shape[0])
+        scales.append(float(s))
+        if a is None:
             continue
-        a, b, s = item
         if a.dim() != 2 or b.dim() != 2 or a.shape[1] != k or b.shape != (n, a.shape[0]):
             raise AdapterError(
                 f"pack: adapter {i} has A {tuple(a.shape)} and B {tuple(b.shape)}; every adapter "
@@ -77,7 +80,6 @@ def pack(adapters: Sequence[tuple[torch.Tensor, torch.Tensor, float] | None]) ->
             )
         a_parts.append(a.detach().to(dtype))
         b_parts.append(b.detach().to(dtype).t())
-        offsets.append(row), ranks.append(a.shape[0]), scales.append(float(s))
         row += a.shape[0]
     device = a0.device
     ints = dict(dtype=torch.int32, device=device)
