@@ -151,8 +151,11 @@ def test_merged_from_a_directory_base_matches_the_gguf_route(base, tmp_path):
     out = export_gguf(adapter, tmp_path / "m.gguf", base=hf_dir, merged=True, out_type="f32")
     torch.testing.assert_close(llama_logits(out), expected, **TOL)
     llm = llama_cpp().Llama(model_path=str(out), vocab_only=True, verbose=False)
-    vocab_size = tiny_llama().config.vocab_size
-    assert llm.tokenize(b"!<|end|>", add_bos=False, special=True) == [0, vocab_size - 1]
+    try:
+        tokens = llm.tokenize(b"!<|end|>", add_bos=False, special=True)
+    finally:
+        llm.close()
+    assert tokens == [0, tiny_llama().config.vocab_size - 1]
 
 
 def _save_byte_level_tokenizer(directory, vocab_size: int) -> None:
@@ -373,7 +376,8 @@ def test_an_adapter_of_another_base_is_refused_unless_allowed(base, tmp_path):
     config = json.loads((hf_dir / "config.json").read_text())
     quantized = tmp_path / "q8_0.gguf"
     state = {k: v.detach() for k, v in tiny_llama().state_dict().items()}
-    write_model_gguf(quantized, config, state, lambda w: add_tiny_vocab(w, config["vocab_size"]), "q8_0")
+    vocab = config["vocab_size"]
+    write_model_gguf(quantized, config, state, lambda w: add_tiny_vocab(w, vocab), "q8_0")
     export_gguf(adapter, tmp_path / "y.gguf", base=quantized)  # the same shapes: accepted
     with pytest.raises(AdapterFileError, match=r"(?s)another base model.*weights differ"):
         export_gguf(adapter, tmp_path / "z.gguf", base=other_gguf, merged=True)
