@@ -9,6 +9,8 @@ seed 0: the same steps, rows and order for every variant of a task. Only the var
 * DoRA: ``lora.use_dora``;  PiSSA: ``lora.init=pissa_niter_4`` (the randomised SVD with 4 subspace
   iterations: the full SVD costs about a minute per run on one thread);  OLoRA: ``lora.init=olora``;
 * LoRA+: ``training.loraplus_lr_ratio=16`` (B at 16 x lr, PEFT's example value);
+* PiSSA and OLoRA again at ``training.lr=2e-4``, and LoRA+ at ``training.lr=1e-4`` (the README's
+  example: B at 1.6e-3): at 2e-3 their first steps diverge;
 * with ``training.method=qlora`` (NF4, double quantization): QLoRA; LoftQ (``lora.init=loftq``,
   one iteration); QDoRA (``lora.use_dora``).
 
@@ -73,6 +75,14 @@ VARIANTS = {
     "qlora": ("QLoRA", ["training.method=qlora"]),
     "loftq": ("LoftQ (QLoRA, 1 iter)", ["training.method=qlora", "lora.init=loftq"]),
     "qdora": ("QDoRA", ["training.method=qlora", "lora.use_dora=true"]),
+    # At LoRA's lr the inits that start B non-zero, and LoRA+'s B at 16 x 2e-3, diverge (the loss
+    # climbs from 0.9 to 3-14 at step 2): the same at the lower rates usual for them.
+    "pissa_lr2e-4": ("PiSSA (niter 4), lr 2e-4", ["lora.init=pissa_niter_4", "training.lr=2e-4"]),
+    "olora_lr2e-4": ("OLoRA, lr 2e-4", ["lora.init=olora", "training.lr=2e-4"]),
+    "loraplus_lr1e-4": (
+        "LoRA+ (ratio 16), lr 1e-4",
+        ["training.loraplus_lr_ratio=16", "training.lr=1e-4"],
+    ),
 }
 
 
