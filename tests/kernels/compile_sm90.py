@@ -20,7 +20,7 @@ SEGMENTS = dict(
 )
 GEMM = dict(
     BLOCKSIZE=64, DOUBLE=True, HAS_OFFSET=True, HAS_BASE=True, QUANT=False, HAS_LORA=True,
-    HAS_BIAS=True, HAS_ACC=False, DOT_F32=False, IEEE=False,
+    HAS_BIAS=True, HAS_ACC=False, DOT_F32=False, IEEE=False, BY_ROWS=False, W_TRANS=True,
     BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_R=16,
 )  # fmt: skip
 DEQUANT = dict(
@@ -58,6 +58,10 @@ def main() -> dict:
     nf4_base = {**GEMM, "QUANT": True}
     low_rank_add = {**GEMM, "IEEE": True, "HAS_BASE": False, "HAS_BIAS": False, "HAS_ACC": True}
     out["gemm nf4 base bf16"] = compiled(gemm._gemm_kernel, gemm_types("bf16"), nf4_base, False)
+    for trans in (True, False):  # tiles decoded row by row, forward (x Wᵀ) and backward (dy W)
+        by_rows = {**nf4_base, "BY_ROWS": True, "W_TRANS": trans}
+        name = f"gemm nf4 by rows {'forward' if trans else 'backward'}"
+        out[name] = compiled(gemm._gemm_kernel, gemm_types("bf16"), by_rows, False)
     out["gemm low-rank add fp32"] = compiled(gemm._gemm_kernel, gemm_types("fp32"), low_rank_add)
     for dtype in ("bf16", "fp32"):
         p, ieee = f"*{dtype}", dtype == "fp32"

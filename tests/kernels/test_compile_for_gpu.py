@@ -32,6 +32,7 @@ def compiled() -> dict:
 
 def test_every_kernel_compiles_to_an_sm90_binary(compiled):
     expected = {"gemm nf4 base bf16", "gemm low-rank add fp32", "dequantize"}
+    expected |= {f"gemm nf4 by rows {way}" for way in ("forward", "backward")}
     expected |= {f"{k} {d}" for k in ("shrink", "expand") for d in ("bf16", "fp32")}
     assert expected <= set(compiled)
     assert all(entry["cubin_bytes"] > 0 for entry in compiled.values())
@@ -41,4 +42,5 @@ def test_4bit_decoding_compiles_without_fused_multiply_adds(compiled):
     # the check can see one: left to itself Triton contracts code · scale + offset into an FMA
     assert compiled["dequantize with fp fusion"]["ptx_fma"]
     assert not compiled["dequantize"]["ptx_fma"] and compiled["dequantize"]["ptx_mul"]
-    assert not compiled["gemm nf4 base bf16"]["ptx_fma"]  # decoded tiles: the same two roundings
+    for name in ("gemm nf4 base bf16", "gemm nf4 by rows forward", "gemm nf4 by rows backward"):
+        assert not compiled[name]["ptx_fma"], name  # decoded tiles: the same two roundings

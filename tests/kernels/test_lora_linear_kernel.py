@@ -31,18 +31,18 @@ def _close(got, want):
         torch.testing.assert_close(got, want, rtol=1.3e-6, atol=1e-6 * max(top, 10.0))
 
 
-def _tensors(rank, dtype, tokens, quantized=False):
+def _tensors(rank, dtype, tokens, quantized=False, inp=IN):
     g = torch.Generator().manual_seed(rank * 100 + tokens)
-    w = torch.randn(OUT, IN, generator=g) / IN**0.5
+    w = torch.randn(OUT, inp, generator=g) / inp**0.5
     weight = (
         QuantizedWeight.quantize(w, "nf4", compute_dtype=dtype).to(DEVICE)
         if quantized
         else w.to(DEVICE, dtype)
     )
     leaves = dict(
-        x=torch.randn(3, tokens, IN, generator=g),
+        x=torch.randn(3, tokens, inp, generator=g),
         bias=torch.randn(OUT, generator=g),
-        a=torch.randn(rank, IN, generator=g) / IN**0.5,
+        a=torch.randn(rank, inp, generator=g) / inp**0.5,
         b=torch.randn(OUT, rank, generator=g) / rank**0.5,
     )
     leaves = {k: v.to(DEVICE, dtype).requires_grad_(True) for k, v in leaves.items()}
@@ -85,15 +85,21 @@ def test_float32_against_the_float64_formula(rank):
         torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("per_tile", [True, False], ids=["decoded-per-tile", "decoded-once"])
+@pytest.mark.parametrize(
+    "row_limit, inp",
+    [(128, 96), (128, 128), (8, 96)],
+    # 96 inputs: tiles cross quantization blocks, decoded element by element; 128: each tile
+    # row lies in one block, decoded row by row (forward and backward); 27 rows over a limit
+    # of 8: W decoded once, whole
+    ids=["tiles-by-element", "tiles-by-row", "decoded-once"],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("rank", [2, 16])
-def test_a_4bit_base_matches_quantized_linear(rank, dtype, per_tile, monkeypatch):
+def test_a_4bit_base_matches_quantized_linear(rank, dtype, row_limit, inp, monkeypatch):
     from lorakit.kernels import gemm
 
-    # 27 rows: under the row limit as it is, over it when the limit is 8
-    monkeypatch.setattr(gemm, "DECODE_PER_TILE_MAX_ROWS", 128 if per_tile else 8)
-    weight, k = _tensors(rank, dtype, 9, quantized=True)
+    monkeypatch.setattr(gemm, "DECODE_PER_TILE_MAX_ROWS", row_limit)
+    weight, k = _tensors(rank, dtype, 9, quantized=True, inp=inp)
     e = _clone(k)
     got = lora_linear(k["x"], weight, k["bias"], k["a"], k["b"], 1.5)
     base = quantized_linear(e["x"], weight, e["bias"])

@@ -26,7 +26,7 @@ import triton.language as tl
 from ..errors import AdapterError
 from ..quant.weight import QuantizedWeight
 from ._util import block, dot, dot_f32, store_as, to_dtype
-from .nf4 import dequantize, quant_values, weight_args
+from .nf4 import dequantize, quant_rows, quant_values, weight_args
 
 
 @triton.jit
@@ -38,6 +38,7 @@ def _gemm_kernel(
     BLOCKSIZE: tl.constexpr, DOUBLE: tl.constexpr, HAS_OFFSET: tl.constexpr,
     HAS_BASE: tl.constexpr, QUANT: tl.constexpr, HAS_LORA: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_ACC: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+    BY_ROWS: tl.constexpr, W_TRANS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -58,10 +59,22 @@ def _gemm_kernel(
             widx = rk[:, None] * stride_wk + rn[None, :] * stride_wn  # (BLOCK_K, BLOCK_N)
             wmask = mask_k[:, None] & mask_n[None, :]
             if QUANT:  # decoded from the codes, rounded to x's dtype as dequantize(dtype) does
-                wt = quant_values(
-                    widx, wmask, packed_ptr, code_ptr, absmax_ptr, nested_ptr, nested_code_ptr,
-                    offset, BLOCKSIZE, DOUBLE, HAS_OFFSET,
-                )  # fmt: skip
+                if BY_ROWS and W_TRANS:  # x Wᵀ: the tile is W[rn, k0 : k0 + BLOCK_K]ᵀ
+                    wt = tl.trans(quant_rows(
+                        rn, k0, K, mask_n, packed_ptr, code_ptr, absmax_ptr, nested_ptr,
+                        nested_code_ptr, offset, BLOCKSIZE, DOUBLE, HAS_OFFSET, BLOCK_K,
+                    ))  # fmt: skip
+                elif BY_ROWS:  # dy W: the tile is W[rk, this program's columns]
+                    wt = quant_rows(
+                        rk, tl.program_id(1) * BLOCK_N, N, mask_k, packed_ptr, code_ptr,
+                        absmax_ptr, nested_ptr, nested_code_ptr, offset, BLOCKSIZE, DOUBLE,
+                        HAS_OFFSET, BLOCK_N,
+                    )  # fmt: skip
+                else:
+                    wt = quant_values(
+                        widx, wmask, packed_ptr, code_ptr, absmax_ptr, nested_ptr,
+                        nested_code_ptr, offset, BLOCKSIZE, DOUBLE, HAS_OFFSET,
+                    )  # fmt: skip
                 wt = to_dtype(wt, x_ptr.dtype.element_ty)
             else:
                 wt = tl.load(w_ptr + widx, mask=wmask, other=0.0)
@@ -80,6 +93,12 @@ def _gemm_kernel(
             low = dot(lt, rt, low, DOT_F32, IEEE)
         acc += scale * low
     store_as(out_ptr + tile, acc, mask)
+
+
+def _by_rows(weight: QuantizedWeight, cols: int) -> bool:
+    """Whether a 4-bit W's tiles can be decoded row by row (:func:`.nf4.quant_rows`): a tile's
+    ``cols`` columns of W fall in one quantization block of each row."""
+    return cols >= 2 and weight.shape[1] % cols == 0 and weight.blocksize % cols == 0
 
 
 def warps(block_m: int, block_n: int) -> int:
@@ -149,16 +168,17 @@ def gemm(
     w_strides = _strides(rows_cols, transpose) if weight is not None else (0, 0)
     r_strides = _strides(tuple(right.shape), right_transpose) if low is not None else (0, 0)
     compute = x.dtype if x is not None else low.dtype if low is not None else out.dtype
-    block_m, block_n = block(m, hi=64), block(n, hi=64)
+    block_m, block_n, block_k = block(m, hi=64), block(n, hi=64), block(k, hi=64)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    by_rows = quant and _by_rows(weight, block_k if transpose else block_n)
     _gemm_kernel[grid](
         _c(x, dummy), dummy if quant or weight is None else weight.contiguous(), *q_tensors,
         _c(low, dummy), _c(right, dummy), _c(bias, dummy), _c(acc, dummy), out,
         m, n, k, r, float(scale), *w_strides, *r_strides, **consts,
         HAS_BASE=weight is not None, QUANT=quant, HAS_LORA=low is not None,
         HAS_BIAS=bias is not None, HAS_ACC=acc is not None, DOT_F32=dot_f32(),
-        IEEE=compute == torch.float32,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block(k, hi=64), BLOCK_R=block(r, hi=64),
+        IEEE=compute == torch.float32, BY_ROWS=by_rows, W_TRANS=transpose,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block(r, hi=64),
         enable_fp_fusion=not quant, num_warps=warps(block_m, block_n),
     )  # fmt: skip
     return out

@@ -80,6 +80,40 @@ def quant_values(
 
 
 @triton.jit
+def quant_rows(
+    rows,
+    col0,
+    ncols,
+    mask,
+    packed_ptr,
+    code_ptr,
+    absmax_ptr,
+    nested_ptr,
+    nested_code_ptr,
+    offset,
+    BLOCKSIZE: tl.constexpr,
+    DOUBLE: tl.constexpr,
+    HAS_OFFSET: tl.constexpr,
+    COLS: tl.constexpr,
+):
+    """float32 tile ``W[rows, col0 : col0 + COLS]`` (len(rows), COLS) of a 4-bit W with ``ncols``
+    columns, each byte read once and each row's scale decoded once. Needs every row's COLS
+    values in one quantization block: ``ncols`` and ``col0`` multiples of COLS, and COLS
+    dividing BLOCKSIZE (the caller checks); ``mask`` masks rows."""
+    start = rows.to(tl.int64) * ncols + col0  # (rows,) even: the first element of each row
+    j = tl.arange(0, COLS // 2)
+    byte = tl.load(packed_ptr + start[:, None] // 2 + j[None, :], mask=mask[:, None], other=0)
+    byte = byte.to(tl.int32)
+    high = tl.load(code_ptr + (byte >> 4))
+    low = tl.load(code_ptr + (byte & 0xF))
+    scale = block_scales(
+        start // BLOCKSIZE, mask, absmax_ptr, nested_ptr, nested_code_ptr, offset, DOUBLE,
+        HAS_OFFSET,
+    )  # fmt: skip
+    return tl.interleave(high, low) * scale[:, None]  # element 2j from the high nibble
+
+
+@triton.jit
 def _dequantize_kernel(
     out_ptr,
     n,
