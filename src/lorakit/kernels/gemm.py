@@ -3,7 +3,9 @@
     out (M, N) = acc + x (M, K) · W (K, N) + bias (N) + s · L (M, R) · Rm (R, N)
 
 each term optional. ``W`` is a dense matrix or a 4-bit :class:`~lorakit.quant.QuantizedWeight`
-whose tiles are decoded from the codes as they are loaded (:func:`.nf4.quant_values`), so no
+whose tiles are decoded from the codes as they are loaded (row by row, :func:`.nf4.quant_rows`,
+where a tile's row lies in one quantization block, else element by element,
+:func:`.nf4.quant_values`), so no
 weight-sized tensor is written (up to ``DECODE_PER_TILE_MAX_ROWS`` rows of x; past that W is
 decoded once, see there); either W or Rm may be read transposed (``x Wᵀ`` for a
 forward pass, ``dy W`` for its backward). Each program owns one (BLOCK_M, BLOCK_N) tile of the
