@@ -480,6 +480,14 @@ def adapter_per_row(model: nn.Module, names: Sequence[str | None]) -> Iterator[n
         check.remove()
 
 
+def kept_tokens(model: nn.Module, keep: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Within an ``adapter_per_row`` block: a forward given transformers' boolean
+    ``logits_to_keep=keep`` ((rows, seq) mask) projects ``hidden[keep]``, the kept tokens of every
+    row flattened; inside this block the output head (a LoRA layer or a saved ``lm_head``) gives
+    each of those tokens its own row's adapter. Outside a row plan it does nothing."""
+    return L.kept_tokens(registry(model).table, keep)
+
+
 #: keyword inputs whose first axis is the batch, in the order they are looked for
 _BATCH_INPUTS = (
     "input_ids",

@@ -266,6 +266,19 @@ def test_with_adamw_clipping_and_keep_best_each_adapter_equals_its_run_alone(tmp
     assert result.adapters["acme"].kept_step < 6  # keep-best took an earlier step
 
 
+def test_saved_heads_train_each_with_its_own_rows_and_equal_their_runs_alone(tmp_path):
+    """A saved lm_head per adapter (one adapter without): the loss's head sees the kept tokens of
+    every row flattened, and each token still reaches its own row's copy."""
+    adapters = {n: {"lora": LORAS[n]} for n in NAMES}
+    for name in ("acme", "initech"):
+        adapters[name]["lora"] = {**LORAS[name], "modules_to_save": ["lm_head"]}
+    raw, specs = in_code(tmp_path, adapters, "many", training={"optimizer": "adamw"})
+    result = run(build({**raw, "adapters": specs}))
+    assert_each_alone(tmp_path, raw, specs, result)
+    saved = load_file(str(tmp_path / "many/adapters/acme/adapter/adapter_model.safetensors"))
+    assert any("lm_head" in key for key in saved)
+
+
 def test_qlora_adapters_share_one_4_bit_base_and_each_equals_its_run_alone(tmp_path):
     adapters = {n: {"lora": LORAS[n]} for n in NAMES[:2]}
     raw, specs = in_code(tmp_path, adapters, "many", training={"steps": 2, "method": "qlora"})
@@ -357,7 +370,6 @@ def test_config_problems_are_named_by_adapter_section_and_key(tmp_path):
         "adapters.b.data.train: the adapter's training JSONL file is required",
         "adapters.c.evaluation.every is set but the adapter has no data.eval",
         "adapters.acme.lora.bias='all': a bias is shared by every adapter",
-        "adapters.c.lora.modules_to_save: not supported with adapters",
     ]:
         assert expected in said, said
     (tmp_path / "twice.yaml").write_text(

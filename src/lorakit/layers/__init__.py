@@ -13,7 +13,7 @@ from .embedding import LoraEmbedding
 from .kinds import KINDS, adapter_params, kind_class, kind_of, register, shape_of, wrap
 from .linear import LoraConv1D, LoraLinear, is_gpt2_conv1d
 from .record import AdapterRecord
-from .rows import RowPlan, SlotTable, rows_in_force
+from .rows import RowPlan, SlotTable, kept_tokens, rows_in_force
 from .saved import SavedModule
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "kind_class",
     "kind_of",
     "register",
+    "kept_tokens",
     "rows_in_force",
     "shape_of",
     "wrap",

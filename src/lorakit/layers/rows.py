@@ -77,9 +77,20 @@ class RowPlan:
         self.blocks = _blocks(self.names, rows)
         self._on: dict[torch.device, tuple] = {}
         self.picks: dict[int, tuple] = {}  # id(layer) -> (stack A, A per row, B per row)
+        #: the plan of the kept tokens while an output head sees only some tokens of every row,
+        #: flattened to (tokens, features) (``kept_tokens``); None otherwise
+        self.tokens: RowPlan | None = None
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def for_input(self, x: torch.Tensor) -> RowPlan:
+        """The plan whose entries are ``x``'s first axis: the kept tokens' plan when ``x`` is
+        (kept tokens, features) inside ``kept_tokens``, else this one (one entry per row)."""
+        tokens = self.tokens
+        if tokens is not None and x.dim() == 2 and x.shape[0] == len(tokens):
+            return tokens
+        return self
 
     def on(self, device: torch.device) -> tuple[torch.Tensor, tuple]:
         """``(slots, groups)`` on ``device``, copied once per plan."""
@@ -92,6 +103,34 @@ class RowPlan:
                 moved = self.slots.to(device), groups
             self._on[device] = moved
         return moved
+
+
+@contextlib.contextmanager
+def kept_tokens(table: SlotTable, keep: torch.Tensor) -> Iterator[None]:
+    """Within the block, a layer of the model of ``table`` that sees the tokens ``keep`` selects
+    ((rows, seq) boolean mask), flattened to (kept tokens, features), gives each token its row's
+    adapter: the output head under transformers' boolean ``logits_to_keep``, which projects
+    ``hidden[keep]`` only. Without a plan in force for the model this does nothing.
+
+    A 2-D input of exactly that many entries is taken to be those tokens (the output head); one of
+    (rows × seq) entries (a layer that flattens every token, as OPT's MLP does) is not, since the
+    last position of a row is never kept; inputs with a row axis are unaffected.
+    """
+    plan = active_plan(table)
+    if plan is None:
+        yield
+        return
+    if keep.dim() != 2 or keep.shape[0] != len(plan):
+        raise AdapterError(
+            f"kept_tokens: a ({len(plan)}, seq) mask was expected for the plan's {len(plan)} "
+            f"rows, got shape {tuple(keep.shape)}"
+        )
+    rows = keep.nonzero()[:, 0].tolist()  # the row of each kept token, in row-major order
+    previous, plan.tokens = plan.tokens, RowPlan(table, [plan.names[r] for r in rows])
+    try:
+        yield
+    finally:
+        plan.tokens = previous
 
 
 def _blocks(names: tuple, rows: dict[str, list[int]]) -> tuple[int, ...] | None:
@@ -153,6 +192,7 @@ class MixedRows:
         """Mixed batch: each row adds the adapter of its slot."""
         if self.merged_adapters:
             raise MergeError(f"{self._where()}: a mixed-adapter batch needs unmerged adapters")
+        plan = plan.for_input(x)
         slots, groups = plan.on(out.device)
         n = len(plan)
         if x.shape[0] != n and not self._flattened_rows(x, n):

@@ -72,6 +72,9 @@ class SavedModule(nn.Module):
     def forward(self, *args, **kwargs):
         plan = active_plan(self.table)
         if plan is not None:
+            x = args[0] if args else next(iter(kwargs.values()), None)
+            if isinstance(x, torch.Tensor):
+                plan = plan.for_input(x)  # an output head that sees only the kept tokens
             return self._forward_rows(plan.names, *args, **kwargs)
         name = self._route
         module = self.original_module if name is None else self.modules_to_save[name]
@@ -85,6 +88,12 @@ class SavedModule(nn.Module):
             raise AdapterError(
                 f"{type(self.original_module).__name__}: a saved module in a mixed-adapter batch "
                 "must return one tensor"
+            )
+        if out.dim() == 0 or out.shape[0] != len(names):
+            raise AdapterError(
+                f"{type(self.original_module).__name__}: a saved module in a mixed-adapter batch "
+                f"needs one entry per row ({len(names)}) on its output's first axis, got shape "
+                f"{tuple(out.shape)}"
             )
         result = out.clone()
         for name in dict.fromkeys(n for n in names if n is not None):

@@ -10,7 +10,10 @@ Logits are computed only where a target exists: transformers models take ``logit
 boolean (batch, seq) mask, and project only those hidden states onto the vocabulary. On a prompt-
 heavy task (a 50-token prompt, a 7-token answer) this skips most of the output-head work, which for
 a small model with a large vocabulary is a fifth of the forward pass. A model without that argument
-gets full logits, sliced afterwards: the same numbers, more work.
+gets full logits, sliced afterwards: the same numbers, more work. In a mixed-adapter batch
+(``adapter_per_row``, many adapters in one run) the head then sees the kept tokens of every row
+flattened; ``kept_tokens`` tells it each token's row, so a saved or adapted ``lm_head`` uses each
+row's own adapter.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..generate import IGNORE
+from ..model import kept_tokens
 
 _KEEPS_LOGITS: dict[type, bool] = {}  # model class -> forward honours a boolean logits_to_keep
 
@@ -62,7 +66,8 @@ def _target_logits(model: nn.Module, batch: dict[str, torch.Tensor]):
         _KEEPS_LOGITS[cls] = "logits_to_keep" in inspect.signature(inner.forward).parameters
     logits = None
     if _KEEPS_LOGITS[cls]:
-        logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
+        with kept_tokens(inner, keep):  # a mixed batch's head gives each token its row's adapter
+            logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
         if logits.dim() != 2 or logits.shape[0] != n:  # an older forward that slices by position
             _KEEPS_LOGITS[cls], logits = False, None
     if logits is None:

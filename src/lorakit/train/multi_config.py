@@ -22,9 +22,7 @@ is an error: which adapter its rows would train would be a guess. ``model``, ``t
 :class:`~lorakit.ConfigError`.
 
 What a many-adapter run cannot do (each an error here, before anything loads): train a bias
-(``lora.bias`` other than ``none``: a bias is shared by every adapter and by the base), train
-saved modules (``lora.modules_to_save``: the training loss projects only the trained tokens, so
-a saved ``lm_head`` sees tokens, not rows, and cannot pick each row's copy), a full
+(``lora.bias`` other than ``none``: a bias is shared by every adapter and by the base), a full
 fine-tune (``training.method: full``) or early stopping (``training.early_stopping``: stopping
 one adapter while the others go on is not built).
 """
@@ -176,11 +174,6 @@ def check_many(built: dict[str, Any], problems: list[str]) -> None:
         _check_files(a.data, problems, where)
         if a.evaluation.every and a.data.eval is None:
             problems.append(f"{where}evaluation.every is set but the adapter has no data.eval")
-        if a.lora.modules_to_save:
-            problems.append(
-                f"{where}lora.modules_to_save: not supported with adapters (a saved output head "
-                "sees the trained tokens of every row flattened, not one entry per row)"
-            )
         if a.lora.bias != "none":
             problems.append(
                 f"{where}lora.bias={a.lora.bias!r}: a bias is shared by every adapter and the "
