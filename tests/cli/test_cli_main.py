@@ -173,7 +173,7 @@ def test_every_suggested_keyword_is_a_flag_of_the_command(keyword, command):
     assert with_flags("torch.load(weights_only=True)", parser) == "torch.load(weights_only=True)"
 
 
-@pytest.mark.parametrize("command", ["", *commands()])
+@pytest.mark.parametrize("command", ["", *(name.replace("_", "-") for name in commands())])
 def test_every_help_is_plain_text(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"] if command else ["--help"])

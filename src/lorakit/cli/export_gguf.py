@@ -27,7 +27,6 @@ HELP = "write an adapter (or the merged model) as a GGUF file for llama.cpp and 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "export-gguf",
-        aliases=["export_gguf"],  # the module's name, which lorakit.cli.main lists commands by
         help=HELP,
         usage="%(prog)s [options] [BASE] ADAPTER OUT.gguf",
         description=__doc__,

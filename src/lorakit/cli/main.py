@@ -3,7 +3,8 @@
 Each command is a module ``lorakit/cli/<name>.py`` that defines ``add_parser(subparsers)``: it
 adds its subparser with ``subparsers.add_parser(name, ...)``, its arguments, and
 ``set_defaults(run=run)`` where ``run(args) -> int`` does the work. Every module of this package
-that defines ``add_parser`` is a command, so a new command is one new module. Command modules
+that defines ``add_parser`` is a command, so a new command is one new module (``export_gguf.py``
+adds ``export-gguf``: a command's name is its module's with dashes for underscores). Command modules
 import nothing heavy at module level (transformers, safetensors and the model code are imported by
 ``run``), so building the parser and ``--help`` stay fast.
 
