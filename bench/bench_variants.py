@@ -29,6 +29,7 @@ interrupted run goes on where it stopped. Subsets, by environment variable (thro
     python bench/bench_variants.py --tasks dates --ranks 16 4 --variants lora dora --threads 1
     VARIANTS_CACHED=1 python bench/run.py variants   # the table of the points run so far
     VARIANTS_STEPS=3 python bench/run.py variants --no-write     # a quick check end to end
+    python bench/bench_variants.py --cached --matrix   # the points run, a variant per row
 """
 
 from __future__ import annotations
@@ -271,6 +272,28 @@ def rows(points) -> list[dict]:
     return out
 
 
+def matrix(points) -> str:
+    """The points run as one markdown table: a row per variant, a column per task and rank, each
+    cell the held-out exact match (and loss); for the text under BENCHMARKS.md's section."""
+    have = done()
+    columns = list(dict.fromkeys((t, r) for t, r, _ in points))
+    columns = [c for c in columns if any(key(*c, v) in have for v in VARIANTS)]
+    head = " | ".join(f"{t} r={r} ({TASKS[t][0]} steps)" for t, r in columns)
+    lines = [f"| variant | {head} |", "|" + "---|" * (len(columns) + 1)]
+    for variant in dict.fromkeys(v for _, _, v in points):
+        cells = []
+        for t, r in columns:
+            rec = have.get(key(t, r, variant))
+            if rec is None:
+                cells.append("–")
+            elif "failed" in rec:
+                cells.append("failed")
+            else:
+                cells.append(f"{100 * rec['exact'] / rec['total']:.0f} % ({rec['loss']:.3f})")
+        lines.append(f"| {VARIANTS[variant][0]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _env_list(name: str, default, cast=str) -> list:
     value = os.environ.get(name, "").replace(",", " ").split()
     return [cast(v) for v in value] if value else list(default)
@@ -307,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, help="every task at this many steps (a quick check)")
     parser.add_argument("--cached", action="store_true", help="print the points run; train none")
+    parser.add_argument("--matrix", action="store_true", help="with --cached: one markdown table")
     args = parser.parse_args(argv)
     _check(args.tasks, args.ranks, args.variants)
     if args.steps:
@@ -315,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.cached:
         torch.set_num_threads(args.threads)
         sweep(points, args.threads)
+    if args.matrix:
+        print(matrix(points))
+        return 0
     for row in rows(points):
         ratio = f"  ({row['ratio']:.3g}x)" if row["ratio"] is not None else ""
         print(f"{row['figure']}: {row['lorakit']} vs {row['anchor']}{ratio}")
