@@ -5,12 +5,21 @@ the run's name (``runs/date_demo/adapter`` as ``date_demo``); ``--adapter NAME=P
 request's ``model`` field picks the adapter; the base answers under its own name. Requests on
 different adapters share every decoding step (continuous batching over mixed-adapter rows).
 Adapters load on first use; past ``--max-loras`` the least recently used idle one is evicted.
+``--max-lora-memory SIZE`` (``512MiB``, ``2GB``, or bytes) also bounds the bytes of the adapters in
+memory (their tensors on the model's device): least recently used idle adapters are evicted before
+a load until it fits; a request waits while the budget is held by adapters in use, and an adapter
+larger than the whole budget fails its requests (422, naming its size and the budget).
 Needs the ``serve`` extra (``pip install 'lorakit[serve]'``).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
+
+#: ``--max-lora-memory`` units: decimal (kB, MB, GB, TB) and binary (KiB, MiB, GiB, TiB)
+UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 EPILOG = """examples:
   lorakit serve --adapters runs/
@@ -25,6 +34,23 @@ def _pair(text: str) -> tuple[str, str]:
     if not sep or not name or not path:
         raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
     return name, path
+
+
+def size_bytes(text: str) -> int:
+    """``512MiB`` -> 536870912; bytes, or a number with a decimal or binary unit; above zero."""
+    if text.strip().startswith("-"):
+        raise argparse.ArgumentTypeError(f"the size must be positive, got {text!r}")
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if unit not in UNITS:
+        raise argparse.ArgumentTypeError(
+            f"expected a size such as 512MiB, 2GB or a number of bytes, got {text!r} "
+            "(units: B, kB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+        )
+    size = int(float(match.group(1)) * UNITS[unit])
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"the size must be at least 1 byte, got {text!r}")
+    return size
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -60,6 +86,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add("--api-key", help="key for the inference endpoints (or LORAKIT_API_KEY)")
     add("--admin-key", help="key for loading/unloading adapters at run time (or LORAKIT_ADMIN_KEY)")
     add("--max-loras", type=int, default=8, help="adapters kept in memory (default 8)")
+    add(
+        "--max-lora-memory",
+        type=size_bytes,
+        default=None,
+        metavar="SIZE",
+        help="bytes of adapters kept in memory, e.g. 512MiB or 2GB (default: no byte limit; "
+        "--max-loras applies as well)",
+    )
     add("--max-seqs", type=int, default=16, help="sequences decoded together (default 16)")
     add("--max-waiting", type=int, default=256, help="queued requests before 503 (default 256)")
     add("--max-prompt-tokens", type=int, default=2048)

@@ -3,7 +3,8 @@
 Each turn of the loop (``Engine.run``):
 
 1. runs the control work handed to it (an admin's unload) and attaches adapters whose files the
-   store's worker has read, evicting the least recently used idle one past ``max_loras``;
+   store's worker has read, first evicting least recently used idle ones past the store's
+   limits (``max_loras`` adapters, ``max_bytes`` of their tensors);
 2. admits waiting requests while there is room (``max_seqs`` rows): the prompts admitted
    together are prefilled in one forward (left-padded, each row with its own adapter, at most
    ``prefill_tokens`` padded tokens per forward), each one's first token chosen, and their
@@ -32,10 +33,10 @@ import torch
 from torch import nn
 
 from ..errors import LorakitError
-from ..model import adapter_per_row, delete_adapter, list_adapters
+from ..model import adapter_parameters, adapter_per_row, delete_adapter, list_adapters, lora_layers
 from ..sampling import Sampling, StopText, choose, generator_for
 from .batch import BatchCache, cache_keyword, keeps_last_logits, layers_of, new_cache
-from .store import AdapterStore, Entry
+from .store import AdapterStore, Entry, file_bytes, stack_bytes
 
 log = logging.getLogger("lorakit.serve")
 
@@ -117,6 +118,7 @@ class Engine:
         self.unloading: list[Entry] = []
         self.rows_block = None  # the open adapter_per_row block and the rows it was made for
         self.rows_key: tuple | None = None
+        self.lora_layers: list = []  # the model's LoRA layers, taken again when adapters change
         self.stopping = False
         self.closed = False
         self.stats = collections.Counter()
@@ -264,28 +266,58 @@ class Engine:
             self.store.fail(entry, f"adapter {entry.name!r} could not be loaded: {exc}")
             log.warning("adapter %s failed to load: %s", entry.name, exc)
             return
+        entry.bytes = file_bytes(self.model, file)
+        if not self._make_room(entry):
+            return  # too large (failed), or the adapters in the way are in use: it waits
         self._close_rows()  # the stacked adapters change
-        victim = self.store.victim()
-        if victim is not None:
-            self._evict(victim)
-        elif len(self.store.loaded()) >= self.store.max_loras:
-            return  # every adapter in memory is in use: wait for one to be idle
         try:
             self.model = attach_adapter(self.model, file, entry.name)
         except Exception as exc:  # noqa: BLE001
             self.store.fail(entry, f"adapter {entry.name!r} could not be loaded: {exc}")
             log.warning("adapter %s failed to load: %s", entry.name, exc)
             return
+        self._adapters_changed()
+        measured = sum(
+            p.numel() * p.element_size() for p in adapter_parameters(self.model, entry.name)
+        )
         with self.store.lock:
             entry.state, entry.tokenizer, entry.future = "ready", tokenizer, None
+            entry.bytes = measured
             entry.last_used = time.monotonic()
             self.store.loads += 1
-        log.info("adapter %s loaded from %s", entry.name, entry.path)
+        log.info("adapter %s loaded from %s (%d bytes)", entry.name, entry.path, measured)
+
+    def _make_room(self, entry: Entry) -> bool:
+        """Evict least recently used idle adapters until ``entry`` fits both limits; False if
+        it must wait, or can never fit (then it fails, and its requests with it)."""
+        message = self.store.too_large(entry)
+        if message is not None:
+            self.store.fail(entry, message)
+            log.warning("%s", message)
+            return False
+        while True:
+            verdict, victim = self.store.room_for(entry)
+            if verdict != "evict":
+                return verdict == "fits"
+            self._evict(victim)
+
+    def _adapters_changed(self) -> None:
+        """The adapters in memory changed: the layers' stacks of all adapters (kept for mixed
+        batches of many adapters) are for the old set, so they are freed now rather than at
+        their next use; the list of LoRA layers is taken again for ``stack_bytes``."""
+        self.lora_layers = [layer for _, layer in lora_layers(self.model)]
+        for layer in self.lora_layers:
+            layer._stack_cache = None
+
+    @property
+    def stack_bytes(self) -> int:
+        return stack_bytes(self.lora_layers)
 
     def _evict(self, entry: Entry) -> None:
         self._close_rows()
         if entry.name in list_adapters(self.model):
             self.model = delete_adapter(self.model, entry.name)
+        self._adapters_changed()
         with self.store.lock:
             entry.state = "on disk"  # its tokenizer stays: the files are read again, not it
             self.store.evictions += 1

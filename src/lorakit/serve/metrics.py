@@ -24,6 +24,22 @@ def render_metrics(engine) -> str:
     lines += _line("lorakit_num_requests_running", running, "sequences in the batch", "gauge")
     lines += _line("lorakit_num_requests_waiting", waiting, "requests waiting to start", "gauge")
     lines += _line("lorakit_adapters_loaded", len(store.loaded()), "adapters in memory", "gauge")
+    lines += _line(
+        "lorakit_adapter_memory_bytes",
+        store.bytes_loaded(),
+        "bytes of the adapters' tensors in memory",
+        "gauge",
+    )
+    lines += _line(
+        "lorakit_adapter_stack_bytes",
+        engine.stack_bytes,
+        "bytes of the stacked adapter copies kept for mixed batches of many adapters",
+        "gauge",
+    )
+    budget = "+Inf" if store.max_bytes is None else store.max_bytes
+    lines += _line(
+        "lorakit_adapter_memory_budget_bytes", budget, "--max-lora-memory (+Inf: none)", "gauge"
+    )
     lines += _line("lorakit_adapter_loads_total", store.loads, "adapters loaded", "counter")
     lines += _line(
         "lorakit_adapter_evictions_total", store.evictions, "adapters evicted", "counter"

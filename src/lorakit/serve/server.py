@@ -42,6 +42,7 @@ class Options:
     api_key: str | None = None
     admin_key: str | None = None
     max_loras: int = 8
+    max_lora_memory: int | None = None  # bytes of adapters in memory; None: no byte limit
     max_seqs: int = 16
     max_waiting: int = 256
     max_prompt_tokens: int = 2048
@@ -93,6 +94,7 @@ def build(options: Options, model=None, tokenizer=None) -> tuple[Engine, Setting
         options.adapters,
         options.adapter,
         max_loras=options.max_loras,
+        max_bytes=options.max_lora_memory,
         allow_bin=options.allow_bin,
         reserved=(name,),
     )

@@ -11,11 +11,19 @@ Files are read and checked on a worker thread (:func:`lorakit.io.adapter.read_ch
 engine attaches the result to the model between decoding steps, so a load never stalls the
 requests of other adapters. Past ``max_loras`` adapters in memory, the least recently used one that
 no request is using is evicted (it loads again on its next use).
+
+``max_bytes`` (``--max-lora-memory``) bounds the adapters' bytes as well as their number: the
+bytes of an adapter are those of its tensors as attached on the model's device (A, B and any saved
+module copies, in the adapters' dtype there), known from the file's shapes before it is attached
+and measured after. Before an adapter is attached, least recently used idle adapters are evicted
+until both limits hold with it; while the adapters in the way are in use, it waits. An adapter
+that alone needs more than ``max_bytes`` fails at once (evicting everything would not make room).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import math
 import os
 import threading
 import time
@@ -23,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..adapter_memory import adapter_dtype_on, human_bytes
 from ..errors import AdapterError, LorakitError
 from ..model import check_adapter_name
 
@@ -51,7 +60,26 @@ class Entry:
     tokenizer: Any = None  # its own tokenizer (and chat template), when it ships one
     future: concurrent.futures.Future | None = None
     users: int = 0  # requests waiting or running on it
+    bytes: int = 0  # its tensors on the model's device: from the file's shapes, then measured
     created: float = field(default_factory=time.time)
+
+
+def file_bytes(model, file) -> int:
+    """Bytes an adapter file's tensors take once attached to ``model``: in the adapters' dtype
+    on this base (float32 on a half-precision or quantized one), ``numel · itemsize`` each."""
+    dtype = adapter_dtype_on(model.get_input_embeddings().weight, None)
+    return sum(math.prod(shape) for shape in file.shapes.values()) * dtype.itemsize
+
+
+def stack_bytes(layers) -> int:
+    """Bytes of the stacked copies of all adapters that LoRA ``layers`` keep for mixed batches
+    of many adapters (``MixedRows.stacked``: A (n + 1, R, in) and B (n + 1, out, R) a layer)."""
+    total = 0
+    for layer in layers:
+        cached = layer._stack_cache
+        if cached is not None:
+            total += sum(t.numel() * t.element_size() for t in cached[1])
+    return total
 
 
 def _stamp(path: Path) -> tuple:
@@ -99,11 +127,13 @@ class AdapterStore:
         root: str | os.PathLike | None,
         explicit: dict[str, str | os.PathLike] | None = None,
         max_loras: int = 8,
+        max_bytes: int | None = None,
         allow_bin: bool = False,
         reserved: tuple[str, ...] = (),
     ) -> None:
         self.root = Path(root) if root is not None else None
         self.max_loras = max_loras
+        self.max_bytes = max_bytes
         self.allow_bin = allow_bin
         self.reserved = set(reserved)
         self.lock = threading.RLock()
@@ -189,15 +219,38 @@ class AdapterStore:
         with self.lock:
             return [e for e in self.entries.values() if e.state == "ready"]
 
-    def victim(self) -> Entry | None:
-        """The least recently used adapter in memory that nobody is using, if one is needed to
-        make room for another."""
+    def bytes_loaded(self) -> int:
+        """Bytes of the adapters in memory (their tensors as attached)."""
         with self.lock:
-            ready = self.loaded()
-            if len(ready) < self.max_loras:
-                return None
+            return sum(e.bytes for e in self.loaded())
+
+    def too_large(self, entry: Entry) -> str | None:
+        """Why ``entry`` can never be loaded under the byte budget, or None."""
+        if self.max_bytes is None or entry.bytes <= self.max_bytes:
+            return None
+        return (
+            f"adapter {entry.name!r} needs {human_bytes(entry.bytes)} ({entry.bytes:,} bytes) in "
+            f"memory, more than the whole --max-lora-memory budget of "
+            f"{human_bytes(self.max_bytes)} ({self.max_bytes:,} bytes); raise the budget or "
+            "serve an adapter of lower rank or fewer target modules"
+        )
+
+    def room_for(self, entry: Entry) -> tuple[str, Entry | None]:
+        """What attaching ``entry`` (``entry.bytes`` known) needs now: ``("fits", None)``,
+        ``("evict", the least recently used idle adapter)`` or ``("wait", None)`` when every
+        adapter in the way is in use. Both limits hold after: at most ``max_loras`` adapters and
+        at most ``max_bytes`` bytes."""
+        with self.lock:
+            ready = [e for e in self.loaded() if e is not entry]
+            full = len(ready) >= self.max_loras
+            if self.max_bytes is not None:
+                full = full or sum(e.bytes for e in ready) + entry.bytes > self.max_bytes
+            if not full:
+                return "fits", None
             idle = [e for e in ready if e.users == 0]
-            return min(idle, key=lambda e: e.last_used) if idle else None
+            if not idle:
+                return "wait", None
+            return "evict", min(idle, key=lambda e: e.last_used)
 
     def remove(self, name: str) -> Entry:
         with self.lock:
