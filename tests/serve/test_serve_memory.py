@@ -1,0 +1,237 @@
+"""``--max-lora-memory``: the bytes of the adapters in memory stay within a budget beside
+``--max-loras``. Adapters of different sizes under a budget that holds two small ones or one large
+one: eviction by least recent use and by bytes, the bytes in ``/metrics`` against the files'
+tensors, an adapter larger than the whole budget failing alone, a load waiting for adapters in
+use, the flag's parsing; and a sliding-window model, served with the window as transformers
+applies it."""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+
+import openai
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorakit.cli.main import build_parser
+from lorakit.cli.serve import size_bytes
+from serving import Running, save_adapter_for
+
+SMALL = (2, ["q_proj", "v_proj"])  # 2 layers x (2·(32+32) + 2·(32+16)) = 448 values
+LARGE = (2, ["q_proj", "k_proj", "v_proj", "o_proj"])  # 896 values: 2 small ones
+HUGE = (8, "all-linear")
+
+
+@pytest.fixture(scope="module")
+def memory_adapters(served, tmp_path_factory):
+    """(adapters directory, {name: bytes of its tensors in its safetensors file})."""
+    base_dir, _ = served
+    root = tmp_path_factory.mktemp("memory")
+    kinds = {"s1": SMALL, "s2": SMALL, "s3": SMALL, "large": LARGE, "huge": HUGE}
+    sizes = {}
+    for seed, (name, (r, targets)) in enumerate(kinds.items()):
+        save_adapter_for(base_dir, root / name, r, targets, seed + 10)
+        tensors = load_file(root / name / "adapter_model.safetensors")
+        sizes[name] = sum(t.numel() * t.element_size() for t in tensors.values())
+    small, large = sizes["s1"], sizes["large"]
+    assert small < large < 3 * small  # the budget max(2 small, large) holds no large + small
+    return root, sizes
+
+
+def start(served, adapters, **options) -> Running:
+    return Running(base=str(served[0]), adapters=str(adapters), **options)
+
+
+def chat(client, model, new=4, **kw):
+    return client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=new, **kw
+    )
+
+
+def gauge(running: Running, name: str) -> float:
+    text = running.get("/metrics").text
+    values = [line.split()[1] for line in text.splitlines() if line.startswith(name + " ")]
+    assert len(values) == 1, text
+    return float(values[0])
+
+
+def loaded(running: Running) -> set[str]:
+    return {e.name for e in running.engine.store.loaded()}
+
+
+def test_the_budget_evicts_least_recently_used_idle_adapters_until_a_load_fits(
+    served, memory_adapters
+):
+    root, sizes = memory_adapters
+    budget = max(2 * sizes["s1"], sizes["large"])
+    running = start(served, root, max_lora_memory=budget)
+    store = running.engine.store
+    try:
+        client = running.client()
+        assert gauge(running, "lorakit_adapter_memory_budget_bytes") == budget
+        assert gauge(running, "lorakit_adapter_memory_bytes") == 0
+        chat(client, "s1")
+        chat(client, "s2")
+        assert loaded(running) == {"s1", "s2"} and store.evictions == 0
+        assert gauge(running, "lorakit_adapter_memory_bytes") == sizes["s1"] + sizes["s2"]
+        chat(client, "s1")  # s2 is now the least recently used
+        chat(client, "s3")
+        assert loaded(running) == {"s1", "s3"} and store.evictions == 1
+        assert gauge(running, "lorakit_adapter_memory_bytes") == sizes["s1"] + sizes["s3"]
+        chat(client, "large")  # needs both small ones' bytes, though one adapter would do by count
+        assert loaded(running) == {"large"} and store.evictions == 3
+        assert gauge(running, "lorakit_adapter_memory_bytes") == sizes["large"]
+        assert gauge(running, "lorakit_adapter_evictions_total") == 3
+        assert gauge(running, "lorakit_adapter_stack_bytes") == 0  # one adapter: no stack
+    finally:
+        running.stop()
+
+
+def test_both_limits_apply_together(served, memory_adapters):
+    root, sizes = memory_adapters
+    running = start(served, root, max_loras=2, max_lora_memory=10 * sizes["s1"])
+    try:
+        client = running.client()
+        for name in ("s1", "s2", "s3"):
+            chat(client, name)
+        assert loaded(running) == {"s2", "s3"} and running.engine.store.evictions == 1
+        assert gauge(running, "lorakit_adapter_memory_bytes") == sizes["s2"] + sizes["s3"]
+    finally:
+        running.stop()
+
+
+def test_an_adapter_larger_than_the_budget_fails_and_evicts_nothing(served, memory_adapters):
+    root, sizes = memory_adapters
+    budget = 2 * sizes["s1"]
+    running = start(served, root, max_lora_memory=budget, admin_key="admin-secret")
+    try:
+        client = running.client()
+        chat(client, "s1")
+        body = {"lora_name": "mine", "lora_path": str(root / "huge")}
+        headers = {"Authorization": "Bearer admin-secret"}
+        refused = running.post("/v1/load_lora_adapter", json=body, headers=headers)
+        assert refused.status_code == 422 and f"{budget:,} bytes" in refused.text
+        for _ in range(2):  # the second time at once, from the same verdict
+            with pytest.raises(openai.APIStatusError) as caught:
+                chat(client, "huge")
+            assert caught.value.status_code == 422
+            message = caught.value.message
+            assert "'huge'" in message and "--max-lora-memory" in message, message
+            assert f"{sizes['huge']:,} bytes" in message and f"{budget:,} bytes" in message
+        assert loaded(running) == {"s1"} and running.engine.store.evictions == 0
+        assert gauge(running, "lorakit_adapter_memory_bytes") == sizes["s1"]
+        assert chat(client, "s2").choices[0].finish_reason in ("stop", "length")
+    finally:
+        running.stop()
+
+
+def test_a_load_waits_while_the_budget_is_held_by_a_running_request(served, memory_adapters):
+    root, sizes = memory_adapters
+    running = start(served, root, max_lora_memory=sizes["s1"])  # one small adapter at a time
+    store = running.engine.store
+    try:
+        client = running.client()
+        stream = iter(chat(client, "s3", new=400, stream=True, temperature=0))
+        next(stream)  # s3 is decoding (a few hundred tokens greedily)
+        answers = []
+        waiter = threading.Thread(target=lambda: answers.append(chat(client, "s2", new=4)))
+        waiter.start()
+        deadline = time.monotonic() + 30
+        while "s2" not in store.entries or not _read_and_waiting(store.entries["s2"]):
+            assert time.monotonic() < deadline, "s2 was never read"
+            time.sleep(0.002)
+        assert loaded(running) == {"s3"} and waiter.is_alive()  # s2 waits, nothing failed
+        rest = list(stream)
+        assert rest[-1].choices[0].finish_reason in ("stop", "length")
+        waiter.join(timeout=60)
+        assert answers and answers[0].choices[0].finish_reason in ("stop", "length")
+        assert loaded(running) == {"s2"} and store.evictions == 1
+    finally:
+        running.stop()
+
+
+def _read_and_waiting(entry) -> bool:
+    future = entry.future
+    return entry.state == "loading" and future is not None and future.done()
+
+
+@pytest.mark.parametrize(
+    "text, size",
+    [("1000", 1000), ("512MiB", 512 * 2**20), ("2GB", 2 * 10**9), ("1.5kB", 1500), ("3 KiB", 3072)],
+)
+def test_sizes_parse_in_decimal_and_binary_units(text, size):
+    assert size_bytes(text) == size
+
+
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ("12XB", "expected a size such as 512MiB"),
+        ("-5", "must be positive"),
+        ("0", "at least 1 byte"),
+        ("0.1B", "at least 1 byte"),
+        ("lots", "expected a size"),
+    ],
+)
+def test_bad_sizes_are_argparse_errors(capsys, text, says):
+    with pytest.raises(argparse.ArgumentTypeError, match=says):
+        size_bytes(text)
+    with pytest.raises(SystemExit) as caught:
+        build_parser().parse_args(["serve", f"--max-lora-memory={text}"])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert "--max-lora-memory" in err and says in err
+
+
+def test_a_sliding_window_model_answers_as_transformers_generate(tmp_path):
+    """Mistral with an 8-token window: prompts longer than the window, of different lengths,
+    decoded together past the window, get transformers' own greedy answers (its generate keeps a
+    sliding-window cache; the server keeps every key and masks the window)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from char_tokenizer import char_tokenizer
+
+    tokenizer = char_tokenizer()
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        sliding_window=8,
+        initializer_range=0.2,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=4,
+    )
+    model = MistralForCausalLM(config).eval()
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    prompts = ["hello there, this is long", "a date: 5 Mar 1987 and more", "hi"]
+
+    def offline(prompt: str) -> str:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False
+        )
+        return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+    expected = [offline(p) for p in prompts]
+    model.config.sliding_window = None
+    assert [offline(p) for p in prompts[:2]] != expected[:2]  # the window changes the answers
+    model.config.sliding_window = 8
+    running = Running(base=str(tmp_path))
+    try:
+        out = running.client().completions.create(
+            model=running.base, prompt=prompts, max_tokens=20, temperature=0
+        )
+        assert [c.text for c in sorted(out.choices, key=lambda c: c.index)] == expected
+        assert running.engine.stats["prefills"] == 1  # prefilled together, left-padded
+    finally:
+        running.stop()
