@@ -158,6 +158,63 @@ def _read_and_waiting(entry) -> bool:
     return entry.state == "loading" and future is not None and future.done()
 
 
+def test_the_stack_of_a_many_adapter_batch_is_shown_and_freed_when_adapters_change(
+    served, memory_adapters
+):
+    """A decoding step with the base and five adapters builds each layer's stack of all
+    adapters: ``(n + 1) · R · (in + out)`` values a layer for n adapters of largest rank R there
+    (computed here from the files' shapes); an unload frees it."""
+    root, _ = memory_adapters
+    names = ["s1", "s2", "s3", "large", "huge"]
+    running = start(served, root, admin_key="admin-secret")
+    engine = running.engine
+    try:
+        client = running.client()
+        for name in names:
+            chat(client, name, new=1)
+        assert gauge(running, "lorakit_adapter_stack_bytes") == 0
+        base = iter(chat(client, running.base, new=400, stream=True, temperature=0))
+        next(base)  # the base is decoding
+        gate, held = threading.Event(), threading.Event()
+        engine.call(lambda: (held.set(), gate.wait(30)))  # no step until all five are queued
+        assert held.wait(30)
+        threads = [threading.Thread(target=chat, args=(client, n, 16)) for n in names]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 30
+        while engine.counts[1] < len(names):
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        gate.set()  # admitted together: the next steps run the base and five adapters
+        for thread in threads:
+            thread.join(timeout=60)
+        list(base)
+        assert max(engine.batch_sizes) == 1 + len(names)
+        expected = stack_bytes(root, names)
+        assert expected > 0 and gauge(running, "lorakit_adapter_stack_bytes") == expected
+        headers = {"Authorization": "Bearer admin-secret"}
+        running.post("/v1/unload_lora_adapter", json={"lora_name": "s1"}, headers=headers)
+        done = threading.Event()
+        engine.call(done.set)
+        assert done.wait(10)
+        assert gauge(running, "lorakit_adapter_stack_bytes") == 0
+    finally:
+        running.stop()
+
+
+def stack_bytes(root, names) -> int:
+    """Bytes of the float32 stacks of ``names``' adapters, from their files' shapes alone."""
+    modules: dict[str, list[int]] = {}  # module -> [largest r, in, out]
+    for name in names:
+        for key, t in load_file(root / name / "adapter_model.safetensors").items():
+            if key.endswith(".lora_A.weight"):
+                module = modules.setdefault(key.removesuffix(".lora_A.weight"), [0, 0, 0])
+                module[0], module[1] = max(module[0], t.shape[0]), t.shape[1]
+            elif key.endswith(".lora_B.weight"):
+                modules.setdefault(key.removesuffix(".lora_B.weight"), [0, 0, 0])[2] = t.shape[0]
+    return sum((len(names) + 1) * r * (n_in + n_out) * 4 for r, n_in, n_out in modules.values())
+
+
 @pytest.mark.parametrize(
     "text, size",
     [("1000", 1000), ("512MiB", 512 * 2**20), ("2GB", 2 * 10**9), ("1.5kB", 1500), ("3 KiB", 3072)],
