@@ -103,6 +103,19 @@ def test_both_limits_apply_together(served, memory_adapters):
         running.stop()
 
 
+def test_on_a_bfloat16_base_adapters_are_counted_as_attached_in_float32(served, memory_adapters):
+    root, sizes = memory_adapters
+    running = start(served, root, dtype="bfloat16", max_lora_memory=sizes["s1"])
+    try:
+        client = running.client()
+        chat(client, "s1")
+        assert gauge(running, "lorakit_adapter_memory_bytes") == sizes["s1"]  # float32 files
+        chat(client, "s2")  # one small adapter's bytes: s1 goes
+        assert loaded(running) == {"s2"} and running.engine.store.evictions == 1
+    finally:
+        running.stop()
+
+
 def test_an_adapter_larger_than_the_budget_fails_and_evicts_nothing(served, memory_adapters):
     root, sizes = memory_adapters
     budget = 2 * sizes["s1"]
