@@ -2,8 +2,8 @@
 ``--max-loras``. Adapters of different sizes under a budget that holds two small ones or one large
 one: eviction by least recent use and by bytes, the bytes in ``/metrics`` against the files'
 tensors, an adapter larger than the whole budget failing alone, a load waiting for adapters in
-use, the flag's parsing; and a sliding-window model, served with the window as transformers
-applies it."""
+use, the stacks of many-adapter batches, the flag's parsing; and sliding-window models (Mistral,
+Qwen2), served with the window as transformers applies it."""
 
 from __future__ import annotations
 
@@ -256,48 +256,47 @@ def test_bad_sizes_are_argparse_errors(capsys, text, says):
     assert "--max-lora-memory" in err and says in err
 
 
-def test_a_sliding_window_model_answers_as_transformers_generate(tmp_path):
-    """Mistral with an 8-token window: prompts longer than the window, of different lengths,
-    decoded together past the window, get transformers' own greedy answers (its generate keeps a
-    sliding-window cache; the server keeps every key and masks the window)."""
-    from transformers import MistralConfig, MistralForCausalLM
+@pytest.mark.parametrize("kind", ["mistral", "qwen2"])
+def test_a_sliding_window_model_answers_as_transformers_generate(tmp_path, kind):
+    """An 8-token window (Mistral: every layer; Qwen2: the second of two, beside a full one):
+    prompts longer than the window, of different lengths, decoded together past the window, get
+    transformers' own greedy answers (its generate keeps a sliding-window cache; the server
+    keeps every key and masks the window)."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     from char_tokenizer import char_tokenizer
 
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    sizes |= dict(num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2)
     tokenizer = char_tokenizer()
+    ids = dict(vocab_size=len(tokenizer), pad_token_id=0, bos_token_id=2, eos_token_id=4)
+    if kind == "mistral":
+        model_class, config_class, window = MistralForCausalLM, MistralConfig, {}
+    else:  # layer 0 full attention, layer 1 sliding
+        model_class, config_class = Qwen2ForCausalLM, Qwen2Config
+        window = dict(use_sliding_window=True, max_window_layers=1)
+    config = config_class(sliding_window=8, **window, **sizes, **ids)
+    no_window = config_class(sliding_window=None, **sizes, **ids)
     torch.manual_seed(0)
-    config = MistralConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        sliding_window=8,
-        initializer_range=0.2,
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=4,
-    )
-    model = MistralForCausalLM(config).eval()
+    model = model_class(config).eval()
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    prompts = ["hello there, this is long", "a date: 5 Mar 1987 and more", "hi"]
+    prompts = ["hello there, this is long", "a date: 5 Mar 1987 and more"]
+    running = Running(base=str(tmp_path))
+    its_tokenizer = running.engine.tokenizer  # as the server reads it from the directory
 
-    def offline(prompt: str) -> str:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
+    def offline(prompt: str, model=model) -> str:
+        ids = its_tokenizer(prompt, return_tensors="pt").input_ids
         out = model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False
         )
-        return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        return its_tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
-    expected = [offline(p) for p in prompts]
-    model.config.sliding_window = None
-    assert [offline(p) for p in prompts[:2]] != expected[:2]  # the window changes the answers
-    model.config.sliding_window = 8
-    running = Running(base=str(tmp_path))
     try:
+        expected = [offline(p) for p in prompts]
+        full = model_class(no_window).eval()
+        full.load_state_dict(model.state_dict())
+        assert [offline(p, full) for p in prompts] != expected  # the window changes the answers
         out = running.client().completions.create(
             model=running.base, prompt=prompts, max_tokens=20, temperature=0
         )
