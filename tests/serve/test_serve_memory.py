@@ -186,6 +186,7 @@ def test_the_stack_of_a_many_adapter_batch_is_shown_and_freed_when_adapters_chan
         for name in names:
             chat(client, name, new=1)
         assert gauge(running, "lorakit_adapter_stack_bytes") == 0
+        assert gauge(running, "lorakit_adapter_memory_budget_bytes") == float("inf")  # no budget
         base = iter(chat(client, running.base, new=400, stream=True, temperature=0))
         next(base)  # the base is decoding
         gate, held = threading.Event(), threading.Event()
