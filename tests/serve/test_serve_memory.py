@@ -8,14 +8,17 @@ Qwen2), served with the window as transformers applies it."""
 from __future__ import annotations
 
 import argparse
+import gc
 import threading
 import time
+import weakref
 
 import openai
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from lorakit import adapter_parameters
 from lorakit.cli.main import build_parser
 from lorakit.cli.serve import size_bytes
 from serving import Running, save_adapter_for
@@ -78,8 +81,11 @@ def test_the_budget_evicts_least_recently_used_idle_adapters_until_a_load_fits(
         assert loaded(running) == {"s1", "s2"} and store.evictions == 0
         assert gauge(running, "lorakit_adapter_memory_bytes") == sizes["s1"] + sizes["s2"]
         chat(client, "s1")  # s2 is now the least recently used
+        tensors = [weakref.ref(p) for p in adapter_parameters(running.engine.model, "s2")]
         chat(client, "s3")
         assert loaded(running) == {"s1", "s3"} and store.evictions == 1
+        gc.collect()
+        assert tensors and all(ref() is None for ref in tensors)  # s2's tensors are freed
         assert gauge(running, "lorakit_adapter_memory_bytes") == sizes["s1"] + sizes["s3"]
         chat(client, "large")  # needs both small ones' bytes, though one adapter would do by count
         assert loaded(running) == {"large"} and store.evictions == 3
