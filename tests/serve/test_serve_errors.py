@@ -4,6 +4,7 @@ limits (body size, prompt length, max_tokens, the waiting queue); a client that 
 
 from __future__ import annotations
 
+import threading
 import time
 
 import httpx
@@ -241,13 +242,37 @@ def test_a_client_that_goes_away_frees_its_row(served):
             time.sleep(0.01)
         assert running.engine.counts == (0, 0)
         assert running.engine.stats["cancelled"] == 1
-        # and one that is not streaming: its row goes too
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(
-                running.url + "/v1/completions",
-                json={"model": "beta", "prompt": "b", "max_tokens": 450, "temperature": 0},
-                timeout=0.3,
-            )
+        # and one that is not streaming: its row goes too. The engine is held between two steps
+        # once the row runs, so the answer cannot be done before the client gives up (unheld, it
+        # took about the client's 0.3 s here and the test raced it).
+        gate, gave_up = threading.Event(), []
+
+        def ask() -> None:
+            try:
+                httpx.post(
+                    running.url + "/v1/completions",
+                    json={"model": "beta", "prompt": "a", "max_tokens": 450, "temperature": 0},
+                    timeout=0.3,
+                )
+            except httpx.ReadTimeout:
+                gave_up.append(True)
+
+        client = threading.Thread(target=ask)
+        client.start()
+        deadline = time.monotonic() + 30
+        while not running.engine.counts[0] and time.monotonic() < deadline:
+            time.sleep(0.002)
+        running.engine.call(lambda: gate.wait(30))
+        try:
+            client.join(30)
+            assert gave_up == [True]
+            deadline = time.monotonic() + 30
+            jobs = list(running.engine.running)
+            while not all(j.request.cancelled.is_set() for j in jobs):
+                assert time.monotonic() < deadline, "the server did not see the client go"
+                time.sleep(0.01)
+        finally:
+            gate.set()
         deadline = time.monotonic() + 30
         while running.engine.stats["cancelled"] < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
