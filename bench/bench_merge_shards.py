@@ -97,7 +97,7 @@ def write_adapter(root: Path, base: Path) -> None:
     from safetensors.torch import save_file
 
     from lorakit.io import fingerprint as fp
-    from lorakit.io.merge_shards import fingerprint_from_files, read_checkpoint
+    from lorakit.io.shard_merge import fingerprint_from_files, read_checkpoint
 
     config, shards = read_checkpoint(base)
     owner = {name: shard for shard in shards for name in shard.entries}

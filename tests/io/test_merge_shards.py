@@ -15,7 +15,7 @@ from lorakit.cli.main import main
 from lorakit.errors import AdapterFileError, MergeError
 from lorakit.io import export_merged, merge_state_dict, read_adapter
 from lorakit.io import fingerprint as fp
-from lorakit.io.merge_shards import INDEX, fingerprint_from_files, merge_shards, read_checkpoint
+from lorakit.io.shard_merge import INDEX, fingerprint_from_files, merge_shards, read_checkpoint
 from lorakit.models import ModelLoadError
 from tiny_models import logits, randomise, tiny_gpt2, tiny_llama, tokens
 
@@ -303,7 +303,7 @@ def test_without_copy_file_range_the_copy_goes_through_a_buffer(tmp_path, monkey
         raise OSError(errno.EOPNOTSUPP, "operation not supported")
 
     monkeypatch.setattr(os, "copy_file_range", unsupported)
-    monkeypatch.setattr("lorakit.io.merge_shards._CHUNK", 1000)  # several steps per tensor
+    monkeypatch.setattr("lorakit.io.shard_merge._CHUNK", 1000)  # several steps per tensor
     merge_shards(base, adapter, tmp_path / "buffered")
     for path in sorted((tmp_path / "kernel-copy").iterdir()):
         assert path.read_bytes() == (tmp_path / "buffered" / path.name).read_bytes(), path.name

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
     from ..io.base_models import adapter_base
     from ..io.export import export_merged
-    from ..io.merge_shards import is_sharded_base, merge_shards
+    from ..io.shard_merge import is_sharded_base, merge_shards
 
     if len(args.paths) not in (2, 3):
         raise ConfigError(f"expected [BASE] ADAPTER OUT, got {len(args.paths)} path(s)")

@@ -8,7 +8,7 @@ directory with an adapter folded in; ``inspect_adapter`` (``inspect``) describes
 directory without loading a model; ``hotswap_adapter`` (``hotswap``) replaces a loaded adapter's
 weights in place from another directory, without recompiling a compiled model;
 ``merge_state_dict`` (``merge_state``) folds an adapter's tensors into a base state dict, or one
-shard of it, with no model; ``merge_shards`` (``merge_shards``) merges an adapter into a
+shard of it, with no model; ``merge_shards`` (``shard_merge``) merges an adapter into a
 safetensors base directory one tensor at a time, without loading the model; ``export_gguf``
 (``gguf_export``) writes an adapter, or the merged model, as a GGUF file for llama.cpp and ollama.
 safetensors, transformers and gguf are imported when first used.
@@ -19,8 +19,8 @@ from .export import export_merged
 from .gguf_export import export_gguf
 from .hotswap import hotswap_adapter, pad_adapter_rank
 from .inspect import format_adapter, inspect_adapter
-from .merge_shards import merge_shards
 from .merge_state import merge_state_dict, merged_state_dict
+from .shard_merge import merge_shards
 
 __all__ = [
     "AdapterFile",
