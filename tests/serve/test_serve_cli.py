@@ -101,6 +101,7 @@ def test_serve_binds_loopback_by_default_and_documents_its_flags():
         "--api-key",
         "--admin-key",
         "--max-loras",
+        "--max-lora-memory",
         "--max-seqs",
         "--max-waiting",
         "--max-prompt-tokens",
