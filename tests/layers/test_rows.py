@@ -94,3 +94,39 @@ def test_nested_plans_on_one_model_restore_the_outer_one():
             assert torch.equal(logits(model, x), base)
         assert torch.equal(logits(model, x), outer)
     assert x.shape == (BATCH, SEQ)
+
+
+def test_equal_blocks_of_adapters_in_one_batched_product_equal_each_block_alone():
+    """A many-adapter training batch (equal consecutive blocks, one per adapter; adapters of
+    different ranks and targets, one layer without some of them): logits and every adapter's
+    gradients equal each block run alone with its adapter set, in float64."""
+    model = tiny_llama(num_hidden_layers=2).double()
+    model = lorakit.apply_lora(model, LoraConfig(r=4, target_modules="all-linear"), "a")
+    model = lorakit.apply_lora(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), "b")
+    rs = LoraConfig(r=8, alpha=4, use_rslora=True, target_modules=["q_proj", "down_proj"])
+    model = randomise(lorakit.apply_lora(model, rs, "c")).train()
+    names = ["a", "a", "b", "b", "c", "c"]
+    x = torch.randint(0, VOCAB, (len(names), 7), generator=torch.Generator().manual_seed(5))
+    weights = torch.randn(len(names), 7, VOCAB, dtype=torch.float64)
+    params = dict(model.named_parameters())
+
+    def grads():
+        got = {k: p.grad.clone() for k, p in params.items() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return got
+
+    with lorakit.adapter_per_row(model, names):
+        together = model(x).logits
+    (together * weights).sum().backward()
+    together_grads = grads()
+    alone = []
+    for start in range(0, len(names), 2):
+        lorakit.set_adapter(model, names[start])
+        out = model(x[start : start + 2]).logits
+        (out * weights[start : start + 2]).sum().backward()
+        alone.append(out)
+    torch.testing.assert_close(together, torch.cat(alone))
+    alone_grads = grads()
+    assert together_grads.keys() == alone_grads.keys() and together_grads
+    for key in together_grads:
+        torch.testing.assert_close(together_grads[key], alone_grads[key], msg=key)

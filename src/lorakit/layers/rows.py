@@ -255,12 +255,50 @@ class MixedRows:
         records = self.records
         if not any(name in records for name, _ in groups):
             return out
+        names = [name for name, _ in groups]
+        if len(set(sizes)) == 1 and self._batched_blocks_fit(names, x, out):
+            return self._batched_blocks(x, out, names)
         parts = []
         for (name, _), xs, part in zip(groups, x.split(sizes), out.split(sizes)):
             if name in records:
                 part = self._group_update(name, xs, part)
             parts.append(part)
         return torch.cat(parts)
+
+    def _batched_blocks_fit(self, names: list[str], x: torch.Tensor, out: torch.Tensor) -> bool:
+        """Whether ``_batched_blocks`` computes these blocks: plain LoRA adapters, no dropout in
+        force, one dtype throughout (else each block is updated by itself)."""
+        here = [self.records[n] for n in names if n in self.records]
+        if any(r.variant is not None or (self.training and r.dropout > 0.0) for r in here):
+            return False
+        a = next(self._A[n] for n in names if n in self.records)
+        return x.dtype == a.dtype == out.dtype
+
+    def _batched_blocks(self, x: torch.Tensor, out: torch.Tensor, names: list[str]):
+        """Equal consecutive blocks, one per adapter (a many-adapter training batch): all the
+        blocks' updates in one batched matmul pair added to the base output by the same call,
+        ``out_k + (x_k A_kᵀ)(s_k B_k)ᵀ`` per block k, with no per-block copies and no join.
+
+        A and B are stacked per call (adapter-sized, not activation-sized), zero-padded to the
+        largest rank (padding adds 0 · 0), each B scaled by its adapter's scale; a block whose
+        adapter this layer does not have gets zeros."""
+        present = [n for n in names if n in self.records]
+        rank = max(self._A[n].shape[0] for n in present)
+        like_a, like_b = self._A[present[0]], self.effective_B(present[0])
+        a_parts, b_parts = [], []
+        for n in names:
+            if n not in self.records:
+                a_parts.append(like_a.new_zeros(rank, like_a.shape[1]))
+                b_parts.append(like_b.new_zeros(like_b.shape[0], rank))
+                continue
+            r = self._A[n].shape[0]
+            a_parts.append(F.pad(self._A[n], (0, 0, 0, rank - r)))
+            b_parts.append(F.pad(self.effective_B(n) * self.records[n].scale, (0, rank - r)))
+        a, b = torch.stack(a_parts), torch.stack(b_parts)  # (k, rank, in), (k, out, rank)
+        k = len(names)
+        xa = torch.bmm(x.reshape(k, -1, x.shape[-1]), a.transpose(1, 2))  # (k, tokens, rank)
+        summed = torch.baddbmm(out.reshape(k, -1, out.shape[-1]), xa, b.transpose(1, 2))
+        return summed.view(out.shape)
 
     def _group_update(self, name: str, xs: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
         """The rows ``xs`` of one adapter: their base output ``part`` plus its update (a DoRA
