@@ -9,10 +9,7 @@ SmolLM2-135M-Instruct with the same global batch (``SETTINGS``: LoRA r=16 on eve
 set-up), peak memory per process from its ``summary.json``. On a machine with fewer than 2 cores
 the distributed rows say so instead of a figure. The world size is the only difference between
 the runs, so the ratio is the speed-up of data parallelism here (the goal: at least 1.7x for DDP).
-
-Many adapters in one run: ``MANY`` adapters (the same settings, each on its own quarter of the
-demo's rows) trained in one run of one process against the same ``MANY`` runs one after another,
-whole commands timed (loading the base included: a run of many adapters loads it once).
+Many adapters in one run are measured by ``bench_many_adapters.py`` with the same settings.
 """
 
 from __future__ import annotations
@@ -41,7 +38,6 @@ SETTINGS = [
     "output.plot=false", "training.threads=1",
 ]  # fmt: skip
 RUN_TIMEOUT = 900  # seconds, one run
-MANY = 4
 
 
 def free_port() -> int:
@@ -101,51 +97,7 @@ def run(threads: int) -> list[dict]:
                     Path(tmp) / f"{method}-{mode}", 2, [*extra, f"training.distributed={mode}"]
                 )
                 out += rows(method, mode, alone, two)
-        out += many_adapters(Path(tmp))
     return out
-
-
-def many_adapters(tmp: Path) -> list[dict]:
-    """``MANY`` adapters in one run against ``MANY`` runs one after another (whole commands)."""
-    lines = (DEMO.parent / "data" / "dates" / "train.jsonl").read_text().splitlines(keepends=True)
-    parts = []
-    for i in range(MANY):
-        part = tmp / f"part{i}.jsonl"
-        part.write_text("".join(lines[i::MANY]))
-        parts.append(part)
-    config = tmp / "many.yaml"
-    adapters = {f"a{i}": {"data": {"train": str(p)}} for i, p in enumerate(parts)}
-    config.write_text(json.dumps({"adapters": adapters}))
-    one = train(tmp / "many", 1, [], config)
-    if "error" in one:
-        return [C.row(f"{MANY} adapters in one run failed: {one['error']}", None)]
-    each = [train(tmp / f"each{i}", 1, [f"data.train={p}"]) for i, p in enumerate(parts)]
-    failed = [e["error"] for e in each if "error" in e]
-    if failed:
-        return [C.row(f"{MANY} runs one after another failed: {failed[0]}", None)]
-    apart = sum(e["wall"] for e in each)
-    return [
-        C.row(
-            f"{MANY} adapters (r=16, {STEPS} steps of 8 rows each, 1 thread): one run / {MANY} "
-            "runs one after another, wall time of the whole commands (loading included)",
-            one["wall"],
-            apart,
-            f"{MANY} runs",
-            one["wall"] / apart,
-            "<= 1.0x",
-            "s",
-        ),
-        C.row(
-            f"{MANY} adapters: training time alone (summary.json train_seconds), one run / "
-            f"{MANY} runs",
-            one.get("train_seconds"),
-            sum(e["train_seconds"] for e in each),
-            f"{MANY} runs",
-            None,
-            "",
-            "s",
-        ),
-    ]
 
 
 def rows(method: str, mode: str, alone: dict, two: dict) -> list[dict]:
