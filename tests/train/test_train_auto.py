@@ -46,6 +46,49 @@ def test_resolve_auto_fills_only_auto_values(tmp_path):
     assert resolve_auto(explicit, params=540_000_000, rows=200) is explicit
 
 
+@pytest.mark.parametrize(
+    "lora, training, factor",
+    [
+        ({"init": "pissa"}, {}, 0.1),
+        ({"init": "pissa_niter_4"}, {}, 0.1),
+        ({"init": "olora"}, {}, 0.1),
+        ({"init": "loftq"}, {"method": "qlora"}, 1.0),  # LoftQ trained well at LoRA's rate
+        ({"use_dora": True}, {}, 1.0),
+        ({}, {"loraplus_lr_ratio": 16}, 1 / 16),  # B's rate is then LoRA's
+        ({"init": "olora"}, {"loraplus_lr_ratio": 4}, 0.1 / 4),
+    ],
+)
+def test_auto_lr_follows_the_variant(tmp_path, lora, training, factor):
+    """The variants whose first steps diverged at LoRA's rate (BENCHMARKS.md, section variants)
+    get a lower auto rate; an explicit lr is theirs to choose."""
+    cfg = run_config(tmp_path, lora=lora, training={"lr": "auto", **training})
+    resolved = resolve_auto(cfg, params=135_000_000, rows=200)
+    assert resolved.training.lr == pytest.approx(2e-3 * factor)
+    explicit = run_config(tmp_path, lora=lora, training={"lr": 3e-3, **training})
+    assert resolve_auto(explicit, params=135_000_000, rows=200).training.lr == 3e-3
+
+
+def test_auto_lr_of_many_adapters_takes_the_lowest_of_theirs(tmp_path):
+    cfg = run_config(tmp_path, training={"lr": "auto"})
+    raw = cfg.to_dict()
+    train_file = raw["data"].pop("train")
+    raw["data"]["eval"] = None
+    raw["adapters"] = {
+        "plain": {"data": {"train": train_file}},
+        "svd": {"data": {"train": train_file}, "lora": {"init": "pissa"}},
+    }
+    resolved = resolve_auto(build(raw), params=135_000_000, rows=200)
+    assert resolved.training.lr == pytest.approx(2e-4)
+
+
+def test_the_run_says_why_its_auto_lr_is_lower(tmp_path):
+    cfg = run_config(tmp_path, lora={"init": "olora"}, training={"lr": "auto", "steps": 1})
+    console = Quiet()
+    tokenizer = char_tokenizer()
+    train(cfg, model=tiny_llama(len(tokenizer)), tokenizer=tokenizer, console=console)
+    assert "training.lr: auto = 0.0002 (lora.init olora: a tenth of LoRA's)" in console.lines
+
+
 def test_a_run_with_auto_values_uses_and_reports_them(tmp_path):
     # 24 rows of 4 a step: one pass is 6 steps, so 3 passes (18 steps); a tiny base: lr 2e-3.
     cfg = run_config(tmp_path, training={"steps": None, "lr": "auto", "epochs": "auto"})

@@ -214,6 +214,33 @@ def auto_lr(method: str, params: int) -> float:
     return AUTO_LR[method] * min(1.0, (AUTO_LR_PARAMS / max(params, 1)) ** 0.5)
 
 
+#: ``training.lr: auto`` for adapters whose A and B start from the base weight (PiSSA, OLoRA): a
+#: tenth of LoRA's. On the demo's dates, SmolLM2-135M, r=16, both diverged at LoRA's 2e-3 (loss
+#: 0.86 -> 10-14 at step 2) and trained at 2e-4 (BENCHMARKS.md, section variants).
+AUTO_LR_SVD_INIT = 0.1
+
+
+def auto_lr_note(config: TrainConfig) -> tuple[float, str]:
+    """(factor, reason): what ``training.lr: auto`` multiplies the method's rate by for the
+    config's adapters, and why ("" for 1). PiSSA and OLoRA starts take a tenth; LoRA+ divides by
+    its ratio, so that B's rate (``ratio x lr``) is the rate plain LoRA's B would get (at ratio 16
+    and 1e-4 LoRA+ matched or beat LoRA at 2e-3 on three of the four tasks measured; at 2e-3 it
+    diverged). In a run of many adapters, the smallest factor of any of them."""
+    if config.training.method == "full":
+        return 1.0, ""
+    loras = [config.lora, *(a.lora for a in config.adapters)]
+    factor, reasons = 1.0, []
+    inits = sorted({lo.init for lo in loras if lo.init.startswith(("pissa", "olora"))})
+    if inits:
+        factor *= AUTO_LR_SVD_INIT
+        reasons.append(f"lora.init {'/'.join(inits)}: a tenth of LoRA's")
+    ratio = config.training.loraplus_lr_ratio
+    if ratio:
+        factor /= ratio
+        reasons.append(f"LoRA+: divided by loraplus_lr_ratio {ratio:g}, so B's rate is LoRA's")
+    return factor, "; ".join(reasons)
+
+
 def auto_epochs(rows: int, rows_per_step: int) -> float:
     """``training.epochs: auto``: one pass over ``rows`` training rows, or more when one pass is
     fewer than 100 optimizer steps: as many as make 100 steps, at most 3 passes."""
@@ -227,7 +254,7 @@ def resolve_auto(config: TrainConfig, params: int, rows: int) -> TrainConfig:
     tc = config.training
     changes: dict[str, float] = {}
     if tc.lr == "auto":
-        changes["lr"] = auto_lr(tc.method, params)
+        changes["lr"] = auto_lr(tc.method, params) * auto_lr_note(config)[0]
     if tc.epochs == "auto":
         changes["epochs"] = auto_epochs(rows, tc.batch_size * tc.grad_accum)
     if not changes:

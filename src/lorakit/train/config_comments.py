@@ -41,7 +41,7 @@ COMMENTS: dict[str, str] = {
     "training.epochs": "passes over the rows if steps is null (auto: 100 steps, 1 to 3 passes)",
     "training.batch_size": "rows per micro-batch (all processes together; with adapters: each's)",
     "training.grad_accum": "micro-batches per optimizer step",
-    "training.lr": "peak learning rate (auto: 2e-3 for LoRA at 135M params, less above)",
+    "training.lr": "peak learning rate (auto: 2e-3 for LoRA at 135M, less above, PiSSA, LoRA+)",
     "training.weight_decay": "AdamW weight decay",
     "training.warmup_steps": "steps of linear warm-up to the peak learning rate",
     "training.schedule": "learning-rate decay after warm-up: cosine, linear or constant",

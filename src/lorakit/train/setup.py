@@ -27,6 +27,7 @@ from .config import (
     EvaluationSection,
     TrainConfig,
     TrainingSection,
+    auto_lr_note,
     resolve_auto,
 )
 from .data import encode_all, pack, read_jsonl
@@ -203,7 +204,9 @@ def resolve_steps(
     cfg = resolve_auto(cfg, base_params, len(rows.train))
     for key in ("lr", "epochs"):
         if getattr(tc, key) == "auto" and (key == "lr" or not tc.steps):
-            say(f"training.{key}: auto = {getattr(cfg.training, key):.3g}")
+            why = auto_lr_note(cfg)[1] if key == "lr" else ""
+            value = f"{getattr(cfg.training, key):.3g}" + (f" ({why})" if why else "")
+            say(f"training.{key}: auto = {value}")
     tc = cfg.training
     return cfg, tc.steps or max(1, math.ceil(tc.epochs * len(rows.train) / rows_per_step))
 
