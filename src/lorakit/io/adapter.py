@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -380,34 +381,54 @@ def overflow(key: str, value: torch.Tensor, target: torch.Tensor, finite: bool =
 
 
 def _check_base(model: nn.Module, file: AdapterFile, allow: bool) -> None:
+    check_recorded_base(
+        file,
+        lambda saved: fp.fingerprint(model, saved["modules"]),
+        allow,
+        unchecked="loading it without checking the base model (allow_base_mismatch=True)",
+    )
+
+
+def check_recorded_base(
+    file: AdapterFile,
+    actual_of: Callable[[dict[str, Any]], dict[str, Any]],
+    allow: bool,
+    *,
+    verb: str = "load",
+    gerund: str = "loading",
+    unchecked: str,
+    than: str = "",
+) -> None:
+    """Raise ``AdapterFileError`` (a warning with ``allow``) when the base ``file`` records differs
+    from ``actual_of(recorded)``, the fingerprint of the base at hand over the recorded modules
+    (a loaded model's, or one computed from a base's files); a file whose record cannot be read
+    is an error too (``unchecked``: the warning instead). ``verb``/``gerund``/``than`` word the
+    message for the caller (load, merge, export)."""
     try:
         saved = file.fingerprint
     except AdapterFileError as exc:
         if not allow:
             raise AdapterFileError(
                 f"{exc}\nso the base model it was saved for cannot be checked; pass "
-                "allow_base_mismatch=True to load it without the check"
+                f"allow_base_mismatch=True to {verb} it without the check"
             ) from None
-        warnings.warn(
-            f"{exc}\nloading it without checking the base model (allow_base_mismatch=True)",
-            stacklevel=3,
-        )
+        warnings.warn(f"{exc}\n{unchecked}", stacklevel=4)
         return
-    if saved is None:
+    if saved is None:  # PEFT's files record no base
         return
-    actual = fp.fingerprint(model, saved["modules"])
+    actual = actual_of(saved)
     found = fp.differences(saved, actual)
     if not found:
         return
     message = (
-        f"the adapter at {file.directory} was saved for another base model:\n"
+        f"the adapter at {file.directory} was saved for another base model{than}:\n"
         f"  file: {fp.describe(saved)}\n  here: {fp.describe(actual)}\n"
         + "".join(f"  - {line}\n" for line in found)
     )
     if allow:
-        warnings.warn(message + "loading it anyway (allow_base_mismatch=True)", stacklevel=3)
+        warnings.warn(message + f"{gerund} it anyway (allow_base_mismatch=True)", stacklevel=4)
         return
-    raise AdapterFileError(message + "pass allow_base_mismatch=True to load it anyway")
+    raise AdapterFileError(message + f"pass allow_base_mismatch=True to {verb} it anyway")
 
 
 def _check_same_adapter(model: nn.Module, name: str, config: LoraConfig, path: Path) -> None:

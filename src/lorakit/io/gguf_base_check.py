@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import warnings
 from collections.abc import Callable
 
 import torch
 
-from ..errors import AdapterFileError
 from ..layers.init import sample_of
 from . import fingerprint as fp
-from .adapter import AdapterFile
+from .adapter import AdapterFile, check_recorded_base
 from .gguf_names import ARCHITECTURES, GgufBase, gguf_name, to_hf
 
 _FLOATS = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
@@ -32,33 +30,21 @@ _FLOATS = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 def check_base(file: AdapterFile, base: GgufBase, allow: bool = False) -> None:
     """Raise ``AdapterFileError`` (a warning with ``allow``) when the adapter ``file`` records a
     base other than ``base`` (its ``.gguf`` file or directory is read for the weights)."""
-    try:
-        saved = file.fingerprint
-    except AdapterFileError as exc:
-        if not allow:
-            raise AdapterFileError(
-                f"{exc}\nso the base model it was saved for cannot be checked; pass "
-                "allow_base_mismatch=True to export it without the check"
-            ) from None
-        warnings.warn(f"{exc}\nexporting without checking the base model", stacklevel=3)
-        return
-    if saved is None:  # PEFT's files record no base
-        return
-    if base.tensors is not None:
-        actual = _from_gguf(saved, base, base.path)
-    else:
-        actual = _from_dir(saved, base.path)
-    found = fp.differences(saved, actual)
-    if not found:
-        return
-    message = (
-        f"the adapter at {file.directory} was saved for another base model than {base.source}:\n"
-        f"  file: {fp.describe(saved)}\n  here: {fp.describe(actual)}\n"
-        + "".join(f"  - {line}\n" for line in found)
+
+    def actual_of(saved: dict) -> dict:
+        if base.tensors is not None:
+            return _from_gguf(saved, base, base.path)
+        return _from_dir(saved, base.path)
+
+    check_recorded_base(
+        file,
+        actual_of,
+        allow,
+        verb="export",
+        gerund="exporting",
+        unchecked="exporting without checking the base model",
+        than=f" than {base.source}",
     )
-    if not allow:
-        raise AdapterFileError(message + "pass allow_base_mismatch=True to export it anyway")
-    warnings.warn(message + "exporting it anyway (allow_base_mismatch=True)", stacklevel=3)
 
 
 def _from_gguf(saved: dict, base: GgufBase, path) -> dict:

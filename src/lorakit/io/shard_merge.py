@@ -61,7 +61,6 @@ import json
 import os
 import shutil
 import struct
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -72,7 +71,7 @@ from ..errors import AdapterFileError, MergeError
 from ..models import ModelLoadError, meta_base
 from . import fingerprint as fp
 from . import safety
-from .adapter import AdapterFile, read_checked
+from .adapter import AdapterFile, check_recorded_base, read_checked
 from .export import _dtype
 from .merge_state import adapter_modules, merge_state_dict
 
@@ -323,30 +322,12 @@ def _check_fingerprint(
     file: AdapterFile, architecture: str, config: dict, owner: dict[str, Shard], allow: bool
 ) -> None:
     """``load_adapter``'s base check, with the fingerprint computed from the files."""
-    try:
-        saved = file.fingerprint
-    except AdapterFileError as exc:
-        if not allow:
-            raise AdapterFileError(
-                f"{exc}\nso the base model it was saved for cannot be checked; pass "
-                "allow_base_mismatch=True to load it without the check"
-            ) from None
-        warnings.warn(f"{exc}\nmerging without checking the base model", stacklevel=3)
-        return
-    if saved is None:
-        return
-    actual = fingerprint_from_files(architecture, config, owner, saved["modules"])
-    found = fp.differences(saved, actual)
-    if not found:
-        return
-    message = (
-        f"the adapter at {file.directory} was saved for another base model:\n"
-        f"  file: {fp.describe(saved)}\n  here: {fp.describe(actual)}\n"
-        + "".join(f"  - {line}\n" for line in found)
+    check_recorded_base(
+        file,
+        lambda saved: fingerprint_from_files(architecture, config, owner, saved["modules"]),
+        allow,
+        unchecked="merging without checking the base model",
     )
-    if not allow:
-        raise AdapterFileError(message + "pass allow_base_mismatch=True to load it anyway")
-    warnings.warn(message + "loading it anyway (allow_base_mismatch=True)", stacklevel=3)
 
 
 def fingerprint_from_files(
