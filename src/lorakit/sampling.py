@@ -50,13 +50,23 @@ def generator_for(sampling: Sampling, device: torch.device | str = "cpu") -> tor
     return g
 
 
-def choose(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> Choice:
-    """The next token for one row from its logits ``(vocab,)``."""
+def choose(
+    logits: torch.Tensor,
+    sampling: Sampling,
+    generator: torch.Generator,
+    banned: tuple[int, ...] = (),
+) -> Choice:
+    """The next token for one row from its logits ``(vocab,)``; never one of ``banned`` (the
+    end-of-text ids before a request's ``min_tokens``). Log-probabilities stay the model's."""
     z = logits.float()
+    pick = z
+    if banned:
+        pick = z.clone()
+        pick[list(banned)] = float("-inf")
     if sampling.temperature == 0:
-        token = int(torch.argmax(z))
+        token = int(torch.argmax(pick))
     else:
-        probs = torch.softmax(z / sampling.temperature, dim=-1)
+        probs = torch.softmax(pick / sampling.temperature, dim=-1)
         if sampling.top_p < 1:
             probs = _nucleus(probs, sampling.top_p)
         token = int(torch.multinomial(probs, 1, generator=generator))
@@ -92,8 +102,10 @@ class StopText:
     def __init__(self, stops: tuple[str, ...] = ()) -> None:
         self.stops = tuple(s for s in stops if s)
 
-    def scan(self, text: str) -> tuple[str, bool]:
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+    def scan(self, text: str, since: int = 0) -> tuple[str, bool]:
+        """``since``: stop strings count only where they begin at or after this index (text
+        before it was shown already, or came before a request's ``min_tokens``)."""
+        hits = [i for i in (text.find(s, since) for s in self.stops) if i >= 0]
         if hits:
             return text[: min(hits)], True
         keep = len(text)
@@ -102,6 +114,7 @@ class StopText:
                 if text.endswith(stop[:k]):
                     keep = min(keep, len(text) - k)
                     break
+        keep = max(keep, min(since, len(text)))
         while keep > 0 and text[keep - 1] == "\ufffd":
             keep -= 1
         return text[:keep], False

@@ -44,3 +44,23 @@ def test_stop_text_cuts_before_the_first_stop_and_holds_back_a_partial_one():
     assert stop.scan("hello END more") == ("hello ", True)
     assert stop.scan("a\n\nb END") == ("a", True)
     assert StopText().scan("abc\ufffd") == ("abc", False)
+
+
+def test_stop_text_since_ignores_stops_that_begin_before_it():
+    stop = StopText(("ab",))
+    assert stop.scan("xxabyyab", since=3) == ("xxabyy", True)
+    assert stop.scan("xxab", since=3) == ("xxab", False)  # begins before 3: not a stop
+    assert stop.scan("xxa", since=3) == ("xxa", False)  # a tail before ``since`` is not held
+    assert stop.scan("xxaba", since=3) == ("xxab", False)  # one at 4 may still come
+
+
+def test_banned_tokens_are_never_chosen_but_logprobs_stay_the_models():
+    z = torch.tensor([5.0, 1.0, 0.0])
+    greedy = Sampling(temperature=0, top_logprobs=1)
+    c = choose(z, greedy, generator_for(greedy), banned=(0,))
+    assert c.token == 1
+    torch.testing.assert_close(c.logprob, float(torch.log_softmax(z, -1)[1]))
+    assert c.top[0][0] == 0  # the model's most likely token is still reported
+    hot = Sampling(temperature=2.0, seed=3)
+    g = generator_for(hot)
+    assert all(choose(z, hot, g, banned=(0, 2)).token == 1 for _ in range(200))

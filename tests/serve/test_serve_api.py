@@ -187,3 +187,65 @@ def test_health_and_metrics(server):
         assert f"\n{name}" in "\n" + text, name
     requests = next(line for line in text.splitlines() if line.startswith("lorakit_requests_total"))
     assert int(float(requests.split()[1])) >= 1
+
+
+def _greedy_with_an_end_token(server):
+    """A greedy completion's token ids, and an index ``i >= 2`` whose token has not come before
+    it: made an end-of-text id, it ends the answer there."""
+    client = server.client()
+    full = client.completions.create(
+        model="beta", prompt="stop", max_tokens=12, temperature=0, logprobs=0
+    )
+    tokenizer = server.engine.tokenizer
+    ids = tokenizer.convert_tokens_to_ids(full.choices[0].logprobs.tokens)
+    assert len(ids) == 12 and full.choices[0].finish_reason == "length"
+    i = next(i for i in range(2, 12) if ids[i] not in ids[:i])
+    return client, full.choices[0].text, ids, i
+
+
+def _ids_of(choice, tokenizer):
+    return tokenizer.convert_tokens_to_ids(choice.logprobs.tokens)
+
+
+def test_min_tokens_and_ignore_eos_hold_off_the_end_of_text(server):
+    """vLLM's ``min_tokens`` (no end-of-text token before that many tokens: it is never chosen)
+    and ``ignore_eos`` (an end-of-text token does not end the answer), sent as ``extra_body``."""
+    client, text, ids, i = _greedy_with_an_end_token(server)
+    engine, tokenizer = server.engine, server.engine.tokenizer
+    saved = engine.eos
+    engine.eos = saved | {ids[i]}
+    try:
+        ask = dict(model="beta", prompt="stop", max_tokens=12, temperature=0, logprobs=0)
+        ended = client.completions.create(**ask).choices[0]
+        assert ended.finish_reason == "stop" and _ids_of(ended, tokenizer) == ids[: i + 1]
+        assert text.startswith(ended.text) and len(ended.text) < len(text)
+        ignored = client.completions.create(**ask, extra_body={"ignore_eos": True}).choices[0]
+        assert ignored.finish_reason == "length" and _ids_of(ignored, tokenizer) == ids
+        held = client.completions.create(**ask, extra_body={"min_tokens": i + 2}).choices[0]
+        got = _ids_of(held, tokenizer)
+        assert got[:i] == ids[:i] and got[i] != ids[i] and len(got) >= i + 2
+        assert ids[i] not in got[: i + 1]  # never chosen before min_tokens
+        chat = client.chat.completions.create(
+            model="beta",
+            messages=PROMPT,
+            max_tokens=6,
+            temperature=0,
+            extra_body={"min_tokens": 6, "ignore_eos": False},
+        )
+        assert chat.usage.completion_tokens == 6
+    finally:
+        engine.eos = saved
+
+
+def test_stop_strings_count_only_after_min_tokens(server):
+    client, text, ids, _ = _greedy_with_an_end_token(server)
+    stop = text[1:3]
+    ask = dict(model="beta", prompt="stop", max_tokens=12, temperature=0, stop=stop)
+    assert client.completions.create(**ask).choices[0].text == text[: text.index(stop)]
+    held = client.completions.create(**ask, extra_body={"min_tokens": 4}).choices[0]
+    shown = server.engine.tokenizer.decode(ids[:4], skip_special_tokens=True)
+    later = text.find(stop, len(shown))
+    assert held.text == (text if later < 0 else text[:later])
+    assert held.finish_reason == ("length" if later < 0 else "stop")
+    streamed = client.completions.create(**ask, stream=True, extra_body={"min_tokens": 4})
+    assert "".join(c.choices[0].text for c in streamed) == held.text

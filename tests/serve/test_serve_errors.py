@@ -65,6 +65,9 @@ def test_malformed_bodies_are_400s(server, raw, says):
         ({"messages": [{"role": "user"}]}, "messages.0.content"),
         ({"model": 7}, "model"),
         ({"top_logprobs": 50, "logprobs": True}, "top_logprobs"),
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"min_tokens": 3}, "'min_tokens' is 3, more than max_tokens (2)"),
+        ({"ignore_eos": "yes"}, "ignore_eos"),
     ],
 )
 def test_a_wrong_type_or_value_is_a_400_naming_the_field(server, fields, param):
@@ -206,7 +209,12 @@ def test_a_full_waiting_queue_is_a_503_with_retry_after(served):
     try:
         client = running.client()
         first = client.completions.create(
-            model="alpha", prompt="a", max_tokens=400, stream=True, temperature=0
+            model="alpha",
+            prompt="a",
+            max_tokens=400,
+            stream=True,
+            temperature=0,
+            extra_body={"ignore_eos": True},  # runs its 400 tokens
         )
         next(iter(first))
         second = iter(

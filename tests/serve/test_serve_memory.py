@@ -26,6 +26,7 @@ from serving import Running, save_adapter_for
 SMALL = (2, ["q_proj", "v_proj"])  # 2 layers x (2·(32+32) + 2·(32+16)) = 448 values
 LARGE = (2, ["q_proj", "k_proj", "v_proj", "o_proj"])  # 896 values: 2 small ones
 HUGE = (8, "all-linear")
+LONG = {"extra_body": {"ignore_eos": True}}  # a request that runs its whole max_tokens
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +154,8 @@ def test_a_load_waits_while_the_budget_is_held_by_a_running_request(served, memo
     store = running.engine.store
     try:
         client = running.client()
-        stream = iter(chat(client, "s3", new=400, stream=True, temperature=0))
-        next(stream)  # s3 is decoding (a few hundred tokens greedily)
+        stream = iter(chat(client, "s3", new=400, stream=True, temperature=0, **LONG))
+        next(stream)  # s3 is decoding (400 tokens: an end-of-text token does not end it)
         answers = []
         waiter = threading.Thread(target=lambda: answers.append(chat(client, "s2", new=4)))
         waiter.start()
@@ -193,7 +194,7 @@ def test_the_stack_of_a_many_adapter_batch_is_shown_and_freed_when_adapters_chan
             chat(client, name, new=1)
         assert gauge(running, "lorakit_adapter_stack_bytes") == 0
         assert gauge(running, "lorakit_adapter_memory_budget_bytes") == float("inf")  # no budget
-        base = iter(chat(client, running.base, new=400, stream=True, temperature=0))
+        base = iter(chat(client, running.base, new=400, stream=True, temperature=0, **LONG))
         next(base)  # the base is decoding
         gate, held = threading.Event(), threading.Event()
         engine.call(lambda: (held.set(), gate.wait(30)))  # no step until all five are queued

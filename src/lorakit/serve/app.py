@@ -159,6 +159,12 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
             top = body.logprobs
         for ids in prompts:
             check_prompt(ids, tokens, vocab)
+        if body.min_tokens > tokens:
+            raise ApiError(
+                400,
+                f"'min_tokens' is {body.min_tokens}, more than max_tokens ({tokens})",
+                "min_tokens",
+            )
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -177,6 +183,8 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
             max_tokens=tokens,
             sampling=sampling(body, top),
             stops=body.stops,
+            min_tokens=body.min_tokens,
+            ignore_eos=body.ignore_eos,
             emit=emit,
             tokenizer=tokenizer,
             entry=entry,

@@ -64,6 +64,8 @@ class Request:
     arrived: float = field(default_factory=time.monotonic)
     next_prompt: int = 0  # prompts admitted so far
     failed: bool = False  # an error was sent: it gets nothing more
+    min_tokens: int = 0  # no end-of-text token and no stop string before this many tokens
+    ignore_eos: bool = False  # an end-of-text token does not end the answer
 
     @property
     def choices(self) -> int:
@@ -82,6 +84,7 @@ class Job:
     stop: StopText
     tokens: list[int] = field(default_factory=list)
     sent: str = ""
+    stops_from: int = 0  # stop strings count from here in the text (see min_tokens)
     last: int = 0
     finish: str | None = None
 
@@ -500,15 +503,19 @@ class Engine:
     def _advance(self, job: Job, logits: torch.Tensor) -> None:
         """Take one token for ``job`` and tell its request what is new."""
         request = job.request
-        choice = choose(logits, job.sampling, job.generator)
+        early = len(job.tokens) < request.min_tokens  # this token may not end the answer
+        banned = tuple(self.eos) if early else ()
+        choice = choose(logits, job.sampling, job.generator, banned)
         job.tokens.append(choice.token)
         job.last = choice.token
         self.stats["generated_tokens"] += 1
         tokenizer = request.tokenizer
-        ended = choice.token in self.eos
+        ended = choice.token in self.eos and not request.ignore_eos
         text_ids = job.tokens[:-1] if ended else job.tokens
         text = tokenizer.decode(text_ids, skip_special_tokens=True)
-        safe, stopped = job.stop.scan(text)
+        if early:  # stop strings are looked for in what comes after min_tokens
+            job.stops_from = len(text)
+        safe, stopped = job.stop.scan(text, job.stops_from)
         if stopped or ended:
             job.finish = "stop"
         elif len(job.tokens) >= request.max_tokens:

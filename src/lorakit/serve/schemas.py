@@ -1,9 +1,10 @@
 """The request bodies the server accepts, validated with pydantic (strict types, no unknown keys).
 
 Field names and meanings are OpenAI's (``/v1/completions``, ``/v1/chat/completions``) and vLLM's
-(``/v1/load_lora_adapter``). A parameter the OpenAI API has but this server does not implement is
-accepted only at its no-op value (``presence_penalty: 0``, ``echo: false``, ...), so a client that
-sends the defaults works; any other value is refused, naming the parameter, never ignored.
+(``/v1/load_lora_adapter``, and the sampling parameters ``min_tokens`` and ``ignore_eos``). A
+parameter the OpenAI API has but this server does not implement is accepted only at its no-op
+value (``presence_penalty: 0``, ``echo: false``, ...), so a client that sends the defaults works;
+any other value is refused, naming the parameter, never ignored.
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ class Sampled(Strict):
     frequency_penalty: float | None = None
     logit_bias: dict | None = None
     top_k: int | None = None
+    # vLLM's extra sampling parameters (a client sends them in ``extra_body``)
+    min_tokens: Annotated[int, Field(ge=0)] = 0
+    ignore_eos: bool = False
 
     @model_validator(mode="after")
     def _no_op_only(self):
