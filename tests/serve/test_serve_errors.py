@@ -239,7 +239,12 @@ def test_a_client_that_goes_away_frees_its_row(served):
     running = Running(base=str(base_dir), adapters=str(adapters))
     try:
         stream = running.client().completions.create(
-            model="beta", prompt="a", max_tokens=450, stream=True, temperature=0
+            model="beta",
+            prompt="a",
+            max_tokens=450,
+            stream=True,
+            temperature=0,
+            extra_body={"ignore_eos": True},
         )
         chunks = iter(stream)
         next(chunks)
@@ -259,7 +264,13 @@ def test_a_client_that_goes_away_frees_its_row(served):
             try:
                 httpx.post(
                     running.url + "/v1/completions",
-                    json={"model": "beta", "prompt": "a", "max_tokens": 450, "temperature": 0},
+                    json={
+                        "model": "beta",
+                        "prompt": "a",
+                        "max_tokens": 450,
+                        "temperature": 0,
+                        "ignore_eos": True,
+                    },
                     timeout=0.3,
                 )
             except httpx.ReadTimeout:
