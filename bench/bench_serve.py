@@ -6,8 +6,11 @@ max_seqs=64). Clients are threads, each with its own httpx connection, that star
 moment and send chat requests: a ~32-token prompt, ``max_tokens=64``, temperature 0. In a
 throughput round each client sends ``PER_CLIENT`` requests back to back (a closed loop, as
 vLLM's ``benchmark_serving --max-concurrency``: 16 requests in flight until the last ones end).
-Generation may stop at EOS, so every throughput counts the tokens the server says it generated
-(``usage.completion_tokens``).
+Every request asks for exactly 64 new tokens (``min_tokens`` = ``max_tokens``, vLLM's parameter:
+no end-of-text token before then; PEFT's ``min_new_tokens``, and a ``generation_config`` with
+``min_new_tokens`` for ``transformers serve``), so that the sides do the same work whatever the
+adapters do to the answers' lengths; every throughput counts the tokens the server says it
+generated (``usage.completion_tokens``).
 
 Figures: generated tokens/s with 16 clients each on its own adapter against the same server with
 all 16 on the base (rounds interleaved); the 16 clients' first requests answered one at a time by
@@ -171,8 +174,11 @@ class Round:
         return sum(not r.ok for r in self.results)
 
 
-def one_request(client, url: str, model: str, i: int, stream: bool, max_tokens: int) -> Result:
+def one_request(
+    client, url: str, model: str, i: int, stream: bool, max_tokens: int, extra: dict
+) -> Result:
     body = {"model": model, "messages": messages(i), "max_tokens": max_tokens, "temperature": 0}
+    body.update(extra)
     out = Result()
     start = time.perf_counter()
     try:
@@ -224,14 +230,17 @@ def clients(
     max_tokens: int = NEW,
     timeout: float = REQUEST_TIMEOUT,
     per_client: int = 1,
+    extra: dict | None = None,
 ) -> Round:
     """Client i asks for models[i] with prompt i, ``per_client`` times one after another (the
     next as soon as the last has been answered: a closed loop, so the server sees
     ``len(models)`` requests at once until the last ones end); all clients start at the same
-    moment from their own threads and connections. The round's wall time and every result."""
+    moment from their own threads and connections; ``extra`` goes into every request's body
+    (default: ``min_tokens`` = ``max_tokens``). The round's wall time and every result."""
     import httpx
 
     url = base_url + "/v1/chat/completions"
+    extra = {"min_tokens": max_tokens} if extra is None else extra
     n = len(models)
     results: list[list[Result]] = [[] for _ in range(n)]
     ready = threading.Barrier(n + 1)
@@ -240,7 +249,7 @@ def clients(
         with httpx.Client(timeout=timeout) as http:
             ready.wait()
             for _ in range(per_client):
-                results[i].append(one_request(http, url, models[i], i, stream, max_tokens))
+                results[i].append(one_request(http, url, models[i], i, stream, max_tokens, extra))
 
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(n)]
     for t in threads:
@@ -322,6 +331,7 @@ def peft_sequential(adapters: Path, names: list[str]) -> tuple[float, list[str],
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=new,
+            min_new_tokens=new,
             do_sample=False,
             pad_token_id=eos,
         )
@@ -395,11 +405,13 @@ def transformers_serve(threads: int, work: Path) -> tuple[float | None, str]:
                     return None, "transformers serve did not answer /health within 180 s"
                 time.sleep(1)
             model = str(model_dir)
-            warm = clients(url, [model], max_tokens=8, timeout=ANCHOR_TIMEOUT)
+            fixed = {"min_new_tokens": NEW, "max_new_tokens": NEW, "do_sample": False}
+            extra = {"generation_config": json.dumps(fixed)}  # its way to ask for NEW tokens
+            warm = clients(url, [model], max_tokens=8, timeout=ANCHOR_TIMEOUT, extra={})
             if warm.errors:
                 return None, f"transformers serve: warm-up failed: {warm.results[0].error}"
             measured = clients(
-                url, [model] * ADAPTERS, timeout=ANCHOR_TIMEOUT, per_client=PER_CLIENT
+                url, [model] * ADAPTERS, timeout=ANCHOR_TIMEOUT, per_client=PER_CLIENT, extra=extra
             )
             if measured.errors:
                 first = next(r.error for r in measured.results if not r.ok)
