@@ -3,10 +3,12 @@
 import copy
 import threading
 
+import pytest
 import torch
 
 import lorakit
 from lorakit import LoraConfig
+from lorakit.layers.rows import MixedRows
 from tiny_models import BATCH, SEQ, randomise, tiny_llama, tokens
 
 VOCAB = 128
@@ -130,3 +132,48 @@ def test_equal_blocks_of_adapters_in_one_batched_product_equal_each_block_alone(
     assert together_grads.keys() == alone_grads.keys() and together_grads
     for key in together_grads:
         torch.testing.assert_close(together_grads[key], alone_grads[key], msg=key)
+
+
+@pytest.mark.parametrize("per_block", [1, 2])
+def test_equal_blocks_at_inference_use_the_kept_stack_and_follow_changes(per_block, monkeypatch):
+    """The same many-adapter blocks without autograd (a server's decoding step has one row per
+    adapter): each block's A and B come from the layer's kept stack, once per plan; the logits
+    equal each block alone in float64 on every call, and after an adapter changes in place."""
+    model = tiny_llama(num_hidden_layers=2).double()
+    model = lorakit.apply_lora(model, LoraConfig(r=4, target_modules="all-linear"), "a")
+    model = lorakit.apply_lora(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), "b")
+    rs = LoraConfig(r=8, alpha=4, use_rslora=True, target_modules=["q_proj", "down_proj"])
+    model = randomise(lorakit.apply_lora(model, rs, "c")).eval()
+    for name in ("d", "e"):
+        model = randomise(lorakit.apply_lora(model, LoraConfig(r=3), name))
+    names = [n for n in "abcde" for _ in range(per_block)]
+    x = torch.randint(0, VOCAB, (len(names), 5), generator=torch.Generator().manual_seed(9))
+
+    gathered = []
+    stack_blocks = MixedRows._stack_blocks
+    monkeypatch.setattr(
+        MixedRows,
+        "_stack_blocks",
+        lambda self, plan, names: gathered.append(id(self)) or stack_blocks(self, plan, names),
+    )
+
+    def alone():
+        out = []
+        for start in range(0, len(names), per_block):
+            lorakit.set_adapter(model, names[start])
+            out.append(model(x[start : start + per_block]).logits)
+        return torch.cat(out)
+
+    with torch.no_grad():
+        with lorakit.adapter_per_row(model, names):
+            first, second, third = (model(x).logits for _ in range(3))
+        assert gathered and len(gathered) == 3 * len(set(gathered))  # each layer, each call
+        torch.testing.assert_close(first, alone())
+        assert torch.equal(first, second) and torch.equal(first, third)
+        for _, layer in lorakit.lora_layers(model):
+            if "c" in layer.lora_B:
+                layer.lora_B["c"].mul_(-2.0)  # in place, as an optimizer step does
+        with lorakit.adapter_per_row(model, names):
+            changed = model(x).logits
+        torch.testing.assert_close(changed, alone())
+        assert not torch.allclose(changed, first)

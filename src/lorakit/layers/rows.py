@@ -213,7 +213,7 @@ class MixedRows:
     def add_rows(self, x, out, plan: RowPlan, slots, groups) -> torch.Tensor:
         """``out`` plus each row's update; x and out have one entry per row on their first axis."""
         if self.linear_like and plan.blocks is not None:
-            return self._block_rows(x, out, groups, plan.blocks)
+            return self._block_rows(x, out, plan, groups)
         if self.linear_like and len(groups) <= self.GROUPED_MAX_ADAPTERS:
             return self._grouped_rows(x, out, groups)
         records = self.records
@@ -250,14 +250,14 @@ class MixedRows:
     def _trains_adapters(self) -> bool:
         return torch.is_grad_enabled() and any(p.requires_grad for p in self._A.values())
 
-    def _block_rows(self, x: torch.Tensor, out: torch.Tensor, groups, sizes) -> torch.Tensor:
+    def _block_rows(self, x: torch.Tensor, out: torch.Tensor, plan: RowPlan, groups):
         """Each adapter's rows a consecutive block: split into views, updated, joined."""
-        records = self.records
+        records, sizes = self.records, plan.blocks
         if not any(name in records for name, _ in groups):
             return out
         names = [name for name, _ in groups]
         if len(set(sizes)) == 1 and self._batched_blocks_fit(names, x, out):
-            return self._batched_blocks(x, out, names)
+            return self._batched_blocks(x, out, names, plan)
         parts = []
         for (name, _), xs, part in zip(groups, x.split(sizes), out.split(sizes)):
             if name in records:
@@ -274,14 +274,42 @@ class MixedRows:
         a = next(self._A[n] for n in names if n in self.records)
         return x.dtype == a.dtype == out.dtype
 
-    def _batched_blocks(self, x: torch.Tensor, out: torch.Tensor, names: list[str]):
-        """Equal consecutive blocks, one per adapter (a many-adapter training batch): all the
-        blocks' updates in one batched matmul pair added to the base output by the same call,
-        ``out_k + (x_k A_kᵀ)(s_k B_k)ᵀ`` per block k, with no per-block copies and no join.
+    def _batched_blocks(self, x: torch.Tensor, out: torch.Tensor, names: list[str], plan):
+        """Equal consecutive blocks, one per adapter (a many-adapter training batch, or a
+        decoding step with one row per adapter): all the blocks' updates in one batched matmul
+        pair added to the base output by the same call, ``out_k + (x_k A_kᵀ)(s_k B_k)ᵀ`` per
+        block k, with no per-block copies and no join.
 
-        A and B are stacked per call (adapter-sized, not activation-sized), zero-padded to the
-        largest rank (padding adds 0 · 0), each B scaled by its adapter's scale; a block whose
-        adapter this layer does not have gets zeros."""
+        The blocks' A and B (adapter-sized, not activation-sized) are zero-padded to a common
+        rank (padding adds 0 · 0), each B scaled by its adapter's scale; a block whose adapter
+        this layer does not have gets zeros. Training builds them per call (differentiable);
+        inference takes them from the layer's cached stack, once per plan."""
+        if self._trains_adapters() or torch.compiler.is_compiling():
+            a, b = self._block_stack(names)
+        else:
+            a, b = self._stack_blocks(plan, names)
+        k = len(names)
+        xa = torch.bmm(x.reshape(k, -1, x.shape[-1]), a.transpose(1, 2))  # (k, tokens, rank)
+        if _no_autograd(out, a):  # into the base output itself
+            return out.reshape(k, -1, out.shape[-1]).baddbmm_(xa, b.transpose(1, 2)).view(out.shape)
+        summed = torch.baddbmm(out.reshape(k, -1, out.shape[-1]), xa, b.transpose(1, 2))
+        return summed.view(out.shape)
+
+    def _stack_blocks(self, plan: RowPlan, names: list[str]):
+        """The blocks' (A, B) gathered from the cached stack, kept in the plan for its next
+        calls (a generation's steps)."""
+        a_all, b_all = self.stacked(plan.table)
+        kept = plan.picks.get(id(self))
+        if kept is not None and kept[0] is a_all:
+            return kept[1], kept[2]
+        slot_of = plan.table.slots
+        index = torch.tensor([slot_of.get(n, 0) for n in names], device=a_all.device)
+        picks = a_all[index], b_all[index]
+        plan.picks[id(self)] = (a_all, *picks)
+        return picks
+
+    def _block_stack(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The blocks' (A, B) built from the parameters: (k, rank, in), (k, out, rank)."""
         present = [n for n in names if n in self.records]
         rank = max(self._A[n].shape[0] for n in present)
         like_a, like_b = self._A[present[0]], self.effective_B(present[0])
@@ -294,11 +322,7 @@ class MixedRows:
             r = self._A[n].shape[0]
             a_parts.append(F.pad(self._A[n], (0, 0, 0, rank - r)))
             b_parts.append(F.pad(self.effective_B(n) * self.records[n].scale, (0, rank - r)))
-        a, b = torch.stack(a_parts), torch.stack(b_parts)  # (k, rank, in), (k, out, rank)
-        k = len(names)
-        xa = torch.bmm(x.reshape(k, -1, x.shape[-1]), a.transpose(1, 2))  # (k, tokens, rank)
-        summed = torch.baddbmm(out.reshape(k, -1, out.shape[-1]), xa, b.transpose(1, 2))
-        return summed.view(out.shape)
+        return torch.stack(a_parts), torch.stack(b_parts)
 
     def _group_update(self, name: str, xs: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
         """The rows ``xs`` of one adapter: their base output ``part`` plus its update (a DoRA
