@@ -8,7 +8,7 @@ throughput round each client sends ``PER_CLIENT`` requests back to back (a close
 vLLM's ``benchmark_serving --max-concurrency``: 16 requests in flight until the last ones end).
 Every request asks for exactly 64 new tokens (``min_tokens`` = ``max_tokens``, vLLM's parameter:
 no end-of-text token before then; PEFT's ``min_new_tokens``, and a ``generation_config`` with
-``min_new_tokens`` for ``transformers serve``), so that the sides do the same work whatever the
+the end-of-text id off for ``transformers serve``), so that the sides do the same work whatever the
 adapters do to the answers' lengths; every throughput counts the tokens the server says it
 generated (``usage.completion_tokens``).
 
@@ -405,8 +405,10 @@ def transformers_serve(threads: int, work: Path) -> tuple[float | None, str]:
                     return None, "transformers serve did not answer /health within 180 s"
                 time.sleep(1)
             model = str(model_dir)
-            fixed = {"min_new_tokens": NEW, "max_new_tokens": NEW, "do_sample": False}
-            extra = {"generation_config": json.dumps(fixed)}  # its way to ask for NEW tokens
+            # its continuous batching takes only max_new_tokens and eos_token_id per request
+            # (no min_new_tokens): NEW tokens each with the end-of-text id off (-1, its "none")
+            fixed = {"max_new_tokens": NEW, "eos_token_id": -1, "do_sample": False}
+            extra = {"generation_config": json.dumps(fixed)}
             warm = clients(url, [model], max_tokens=8, timeout=ANCHOR_TIMEOUT, extra={})
             if warm.errors:
                 return None, f"transformers serve: warm-up failed: {warm.results[0].error}"
