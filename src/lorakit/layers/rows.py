@@ -22,6 +22,7 @@ Two ways to add the rows' updates (``MixedRows``):
 from __future__ import annotations
 
 import contextlib
+import operator
 import threading
 from collections.abc import Iterator, Sequence
 
@@ -143,6 +144,10 @@ def _blocks(names: tuple, rows: dict[str, list[int]]) -> tuple[int, ...] | None:
     return tuple(sizes) if start == len(names) else None
 
 
+_data_ptr = torch.Tensor.data_ptr
+_version = operator.attrgetter("_version")
+_scale = operator.attrgetter("scale")
+
 _local = threading.local()  # .plans: {id(SlotTable): RowPlan}, the plans in force in this thread
 
 
@@ -256,7 +261,10 @@ class MixedRows:
         if not any(name in records for name, _ in groups):
             return out
         names = [name for name, _ in groups]
-        if len(set(sizes)) == 1 and self._batched_blocks_fit(names, x, out):
+        inference = not self._trains_adapters()
+        # at inference a few blocks are updated from the parameters themselves (no stack kept)
+        batched = not inference or len(names) > self.GROUPED_MAX_ADAPTERS
+        if batched and len(set(sizes)) == 1 and self._batched_blocks_fit(names, x, out):
             return self._batched_blocks(x, out, names, plan)
         parts = []
         for (name, _), xs, part in zip(groups, x.split(sizes), out.split(sizes)):
@@ -410,10 +418,12 @@ class MixedRows:
             return self._build_stack(table.names)
         # Inference: reuse the stack while no adapter tensor changed (same object, storage and
         # in-place version), the scales are the same and the table has the same order.
-        key = (
+        key = (  # map over C-level getters: this runs at every call of every layer
             table.names,
-            tuple((id(p), p.data_ptr(), p._version) for p in params),
-            tuple(r.scale for r in self.records.values()),
+            tuple(map(id, params)),
+            tuple(map(_data_ptr, params)),
+            tuple(map(_version, params)),
+            tuple(map(_scale, self.records.values())),
         )
         cached = self._stack_cache
         if cached is not None and cached[0] == key:
