@@ -173,7 +173,7 @@ def test_taking_the_adapter_away_restores_the_original_weights(how):
 
 
 def test_a_failed_apply_puts_the_base_back(monkeypatch):
-    import lorakit.model as model_module
+    import lorakit.injection as injection
 
     base = tiny_llama()
     ours = copy.deepcopy(base)
@@ -181,7 +181,7 @@ def test_a_failed_apply_puts_the_base_back(monkeypatch):
     def fail(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(model_module, "_set_trainable", fail)
+    monkeypatch.setattr(injection, "_set_trainable", fail)
     with pytest.raises(RuntimeError, match="boom"):
         lorakit.apply_lora(ours, config("olora"))
     for (name, p), (_, q) in zip(ours.named_parameters(), base.named_parameters(), strict=True):
