@@ -50,7 +50,9 @@ ensure_venv() {
     echo ">> installing $torch_pin"
     "${pip[@]}" "$torch_pin"
     echo ">> installing $req"
-    "${pip[@]}" -r "$req"
+    # llama-cpp-python (test requirements) is built from source: for any x86-64 CPU with AVX2,
+    # not for this one's own instructions (a native build on a CPU with AMX crashed on q8_0)
+    CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" "${pip[@]}" -r "$req"
     echo ">> installing requirements/no-deps.txt (--no-deps)"
     "${pip[@]}" --no-deps -r requirements/no-deps.txt
     echo ">> installing lorakit (editable)"
