@@ -540,6 +540,18 @@ def rows(served, peft_tps, peft_texts, peft_counts, tserve_tps, tserve_note, oth
                 "tok/s",
             )
         )
+        out.append(
+            C.row(
+                f"{label}: 16 clients on 16 adapters (lorakit serve) / all 16 on the base with "
+                "transformers serve, tokens/s",
+                lora_tps,
+                tserve_tps,
+                "transformers serve, base",
+                lora_tps / tserve_tps,
+                ">= 1.0x",
+                "tok/s",
+            )
+        )
     else:
         out.append(C.row(f"{label}: anchor not run: {tserve_note}", base_tps, unit="tok/s"))
     for n, rds in streamed.items():
