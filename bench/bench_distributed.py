@@ -89,6 +89,8 @@ def run(threads: int) -> list[dict]:
             if "error" in alone:
                 out.append(C.row(f"{method}: 1 process failed: {alone['error']}", None))
                 continue
+            if cores >= 2:
+                out.append(ceiling(Path(tmp), method, extra, alone))
             for mode in ("ddp", "fsdp"):
                 if cores < 2:
                     out.append(C.row(f"{method}, {mode}: not measured, {cores} core(s)", None))
@@ -98,6 +100,39 @@ def run(threads: int) -> list[dict]:
                 )
                 out += rows(method, mode, alone, two)
     return out
+
+
+def ceiling(tmp: Path, method: str, extra: list[str], alone: dict) -> dict:
+    """Two independent 1-process runs at the same time, each on the whole global batch: their
+    summed tokens/s against one run alone is what two processes can reach on this machine
+    (shared memory bandwidth, caches and clock), before any communication."""
+    import threading
+
+    results: list[dict] = [{}, {}]
+
+    def one(i: int) -> None:
+        results[i] = train(tmp / f"{method}-apart-{i}", 1, extra)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    label = method.replace("qlora", "QLoRA").replace("lora", "LoRA")
+    failed = [r["error"] for r in results if "error" in r]
+    if failed:
+        return C.row(f"{label}: two 1-process runs at once failed: {failed[0]}", None)
+    both = sum(r["measured_tokens_per_s"] for r in results)
+    return C.row(
+        f"{label}: diagnostic: two independent 1-process runs at once, summed training tokens/s "
+        "/ one run alone (what 2 processes can reach here without communicating)",
+        both,
+        alone["measured_tokens_per_s"],
+        "1 process alone",
+        both / alone["measured_tokens_per_s"],
+        "",
+        "tok/s",
+    )
 
 
 def rows(method: str, mode: str, alone: dict, two: dict) -> list[dict]:

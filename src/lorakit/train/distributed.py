@@ -131,9 +131,19 @@ class World:
 
     def share(self, rows: list) -> list:
         """This rank's rows of a global micro-batch: a contiguous slice, the slices in rank order
-        making up the whole."""
+        making up the whole (equal row counts: the blocks of a many-adapter run stay equal)."""
         n = len(rows)
         return rows[self.rank * n // self.size : (self.rank + 1) * n // self.size]
+
+    def balanced_share(self, rows: list) -> list:
+        """This rank's rows of a global micro-batch, split so that each rank's padded tokens
+        are about even (``shares.balanced_shares`` on the rows' lengths)."""
+        if self.size == 1:
+            return rows
+        from .shares import balanced_shares
+
+        mine = balanced_shares([len(r.ids) for r in rows], self.size)[self.rank]
+        return [rows[i] for i in mine]
 
     def close(self, clean: bool = True) -> None:
         """Leave the process group; ``clean``: after every rank has finished (so that none

@@ -120,7 +120,7 @@ def _train(config, world, model, tokenizer, loggers, console) -> TrainResult:
     t_train = time.perf_counter()
     for step in range(start + 1, (start if result.stopped_early else steps) + 1):
         micro = [
-            to_device(collate(world.share(batches.next()), run.pad), run.device)
+            to_device(collate(world.balanced_share(batches.next()), run.pad), run.device)
             for _ in range(tc.grad_accum)
         ]
         values = train_step(net, micro, params, optimizer, scheduler, tc.max_grad_norm, step, world)
