@@ -9,6 +9,9 @@ SmolLM2-135M-Instruct with the same global batch (``SETTINGS``: LoRA r=16 on eve
 set-up), peak memory per process from its ``summary.json``. On a machine with fewer than 2 cores
 the distributed rows say so instead of a figure. The world size is the only difference between
 the runs, so the ratio is the speed-up of data parallelism here (the goal: at least 1.7x for DDP).
+The 1-process figure is the mean of a run before the 2-process runs and one after them (a shared
+machine's speed drifts by 10% between runs); two independent 1-process runs at once show what two
+processes can reach on this machine without communicating.
 Many adapters in one run are measured by ``bench_many_adapters.py`` with the same settings.
 """
 
@@ -89,6 +92,7 @@ def run(threads: int) -> list[dict]:
             if "error" in alone:
                 out.append(C.row(f"{method}: 1 process failed: {alone['error']}", None))
                 continue
+            pending = []
             if cores >= 2:
                 out.append(ceiling(Path(tmp), method, extra, alone))
             for mode in ("ddp", "fsdp"):
@@ -98,8 +102,24 @@ def run(threads: int) -> list[dict]:
                 two = train(
                     Path(tmp) / f"{method}-{mode}", 2, [*extra, f"training.distributed={mode}"]
                 )
+                pending.append((mode, two))
+            # the 1-process figure is the mean of a run before the 2-process runs and one after
+            # them, so that a machine that slows down or speeds up meanwhile moves both sides
+            again = train(Path(tmp) / f"{method}-1-again", 1, extra)
+            if "error" not in again:
+                alone = bracketed(alone, again)
+            for mode, two in pending:
                 out += rows(method, mode, alone, two)
     return out
+
+
+def bracketed(before: dict, after: dict) -> dict:
+    """One process's figures as the mean of two runs (its losses from the first: the same)."""
+    both = (before["measured_tokens_per_s"], after["measured_tokens_per_s"])
+    mean = dict(before)
+    mean["measured_tokens_per_s"] = sum(both) / 2
+    mean["runs"] = both
+    return mean
 
 
 def ceiling(tmp: Path, method: str, extra: list[str], alone: dict) -> dict:
@@ -135,6 +155,11 @@ def ceiling(tmp: Path, method: str, extra: list[str], alone: dict) -> dict:
     )
 
 
+def _runs(alone: dict) -> str:
+    runs = alone.get("runs")
+    return "" if runs is None else f", mean of {runs[0]:.1f} before and {runs[1]:.1f} after"
+
+
 def rows(method: str, mode: str, alone: dict, two: dict) -> list[dict]:
     label = f"{method.replace('qlora', 'QLoRA').replace('lora', 'LoRA')}, {mode.upper()}"
     if "error" in two:
@@ -149,7 +174,7 @@ def rows(method: str, mode: str, alone: dict, two: dict) -> list[dict]:
             f"batch 8 rows, steps {SKIP + 1}-{STEPS}",
             two["measured_tokens_per_s"],
             alone["measured_tokens_per_s"],
-            "1 process",
+            "1 process" + _runs(alone),
             speed,
             ">= 1.7x" if mode == "ddp" else "",
             "tok/s",
