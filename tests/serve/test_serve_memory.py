@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from lorakit import adapter_parameters
 from lorakit.cli.main import build_parser
 from lorakit.cli.serve import size_bytes
+from lorakit.serve.store import stack_projection
 from serving import Running, save_adapter_for
 
 SMALL = (2, ["q_proj", "v_proj"])  # 2 layers x (2·(32+32) + 2·(32+16)) = 448 values
@@ -213,6 +214,7 @@ def test_the_stack_of_a_many_adapter_batch_is_shown_and_freed_when_adapters_chan
         assert max(engine.batch_sizes) == 1 + len(names)
         expected = stack_bytes(root, names)
         assert expected > 0 and gauge(running, "lorakit_adapter_stack_bytes") == expected
+        assert stack_projection(engine.store.loaded()) == expected  # what the budget counts
         headers = {"Authorization": "Bearer admin-secret"}
         running.post("/v1/unload_lora_adapter", json={"lora_name": "s1"}, headers=headers)
         done = threading.Event()
@@ -221,6 +223,29 @@ def test_the_stack_of_a_many_adapter_batch_is_shown_and_freed_when_adapters_chan
         assert gauge(running, "lorakit_adapter_stack_bytes") == 0
     finally:
         running.stop()
+
+
+def test_the_budget_counts_the_stack_that_more_than_four_adapters_may_need(served, memory_adapters):
+    """Four adapters are applied from their parameters; a fifth makes every layer's stack of all
+    five possible, and the budget holds it: a budget of the five adapters' bytes without their
+    stack evicts one to load the fifth, one with it holds all five."""
+    root, sizes = memory_adapters
+    names = ["s1", "s2", "s3", "large", "huge"]
+    tensors = sum(sizes[n] for n in names)
+    with_stack = tensors + stack_bytes(root, names)
+    for budget, evicted in ((with_stack - 1, 1), (with_stack, 0)):
+        running = start(served, root, max_lora_memory=budget)
+        try:
+            client = running.client()
+            for name in names:
+                chat(client, name)
+            store = running.engine.store
+            assert store.evictions == evicted, budget
+            assert loaded(running) == set(names[evicted:])  # the least recently used went
+            ready = store.loaded()
+            assert sum(e.bytes for e in ready) + stack_projection(ready) <= budget
+        finally:
+            running.stop()
 
 
 def stack_bytes(root, names) -> int:
@@ -312,3 +337,32 @@ def test_a_sliding_window_model_answers_as_transformers_generate(tmp_path, kind)
         assert running.engine.stats["prefills"] == 1  # prefilled together, left-padded
     finally:
         running.stop()
+
+
+def test_stack_shapes_of_linear_embedding_and_conv_modules():
+    from types import SimpleNamespace
+
+    from lorakit.serve.store import Entry, stack_shapes
+
+    file = SimpleNamespace(
+        shapes={
+            "base_model.model.q.lora_A.weight": (4, 32),
+            "base_model.model.q.lora_B.weight": (16, 4),
+            "base_model.model.emb.lora_embedding_A": (2, 100),
+            "base_model.model.emb.lora_embedding_B": (8, 2),
+            "base_model.model.conv.lora_A.weight": (3, 5, 3, 3),
+            "base_model.model.conv.lora_B.weight": (7, 3, 1, 1),
+            "base_model.model.q.lora_magnitude_vector": (16,),
+        }
+    )
+    shapes = stack_shapes(file, 4)
+    assert shapes == {
+        "base_model.model.q": (4, (32 + 16) * 4, False),
+        "base_model.model.emb": (2, (100 + 8) * 4, True),
+        "base_model.model.conv": (3, (45 + 7) * 4, True),
+    }
+    one = Entry.__new__(Entry)
+    one.stacked = shapes
+    # alone: only the embedding and the convolution stack (2 slots: the base's and its own)
+    assert stack_projection([one]) == 2 * (2 * 108 * 4 + 3 * 52 * 4)
+    assert stack_projection([one] * 5) == 6 * (4 * 48 + 2 * 108 + 3 * 52) * 4

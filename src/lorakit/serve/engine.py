@@ -36,7 +36,14 @@ from ..errors import LorakitError
 from ..model import adapter_parameters, adapter_per_row, delete_adapter, list_adapters, lora_layers
 from ..sampling import Sampling, StopText, choose, generator_for
 from .batch import BatchCache, cache_keyword, keeps_last_logits, layers_of, new_cache
-from .store import AdapterStore, Entry, file_bytes, stack_bytes
+from .store import (
+    AdapterStore,
+    Entry,
+    adapter_itemsize,
+    file_bytes,
+    stack_bytes,
+    stack_shapes,
+)
 
 log = logging.getLogger("lorakit.serve")
 
@@ -270,6 +277,7 @@ class Engine:
             log.warning("adapter %s failed to load: %s", entry.name, exc)
             return
         entry.bytes = file_bytes(self.model, file)
+        entry.stacked = stack_shapes(file, adapter_itemsize(self.model))
         if not self._make_room(entry):
             return  # too large (failed), or the adapters in the way are in use: it waits
         self._close_rows()  # the stacked adapters change
