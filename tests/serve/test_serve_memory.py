@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from lorakit import adapter_parameters
 from lorakit.cli.main import build_parser
 from lorakit.cli.serve import size_bytes
-from lorakit.serve.store import stack_projection
+from lorakit.serve.adapter_bytes import stack_projection
 from serving import Running, save_adapter_for
 
 SMALL = (2, ["q_proj", "v_proj"])  # 2 layers x (2·(32+32) + 2·(32+16)) = 448 values
@@ -342,7 +342,8 @@ def test_a_sliding_window_model_answers_as_transformers_generate(tmp_path, kind)
 def test_stack_shapes_of_linear_embedding_and_conv_modules():
     from types import SimpleNamespace
 
-    from lorakit.serve.store import Entry, stack_shapes
+    from lorakit.serve.adapter_bytes import stack_shapes
+    from lorakit.serve.store import Entry
 
     file = SimpleNamespace(
         shapes={

@@ -274,7 +274,7 @@ class MixedRows:
         # at inference a few blocks are updated from the parameters themselves (no stack kept)
         batched = not inference or len(names) > self.GROUPED_MAX_ADAPTERS
         if batched and len(set(sizes)) == 1 and self._batched_blocks_fit(names, x, out):
-            return self._batched_blocks(x, out, names, plan)
+            return self._batched_blocks(x, out, names, plan, inference)
         parts = []
         for (name, _), xs, part in zip(groups, x.split(sizes), out.split(sizes)):
             if name in records:
@@ -291,7 +291,7 @@ class MixedRows:
         a = next(self._A[n] for n in names if n in self.records)
         return x.dtype == a.dtype == out.dtype
 
-    def _batched_blocks(self, x: torch.Tensor, out: torch.Tensor, names: list[str], plan):
+    def _batched_blocks(self, x, out, names: list[str], plan: RowPlan, inference: bool):
         """Equal consecutive blocks, one per adapter (a many-adapter training batch, or a
         decoding step with one row per adapter): all the blocks' updates in one batched matmul
         pair added to the base output by the same call, ``out_k + (x_k A_kᵀ)(s_k B_k)ᵀ`` per
@@ -301,7 +301,7 @@ class MixedRows:
         rank (padding adds 0 · 0), each B scaled by its adapter's scale; a block whose adapter
         this layer does not have gets zeros. Training builds them per call (differentiable);
         inference takes them from the layer's cached stack, once per plan."""
-        if self._trains_adapters() or torch.compiler.is_compiling():
+        if not inference or torch.compiler.is_compiling():
             a, b = self._block_stack(names)
         else:
             a, b = self._stack_blocks(plan, names)

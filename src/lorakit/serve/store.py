@@ -20,17 +20,17 @@ until both limits hold with it; while the adapters in the way are in use, it wai
 that alone needs more than ``max_bytes`` fails at once (evicting everything would not make room).
 
 The budget also holds the most that the layers' stacks of all adapters can take
-(:func:`stack_projection`): a batch of more than four distinct adapters makes each layer stack
-every adapter in memory, zero-padded to the layer's largest rank, ``(n + 1) · R · (in + out)``
-values a layer for n adapters (an embedding's or a convolution's adapters stack in any mixed
-batch). Counted as soon as it could be built, it makes ``max_bytes`` a bound on all the memory
-adapters take, copies included; the stack actually built is shown apart in ``/metrics``.
+(:func:`~lorakit.serve.adapter_bytes.stack_projection`): a batch of more than four distinct
+adapters makes each layer stack every adapter in memory, zero-padded to the layer's largest rank,
+``(n + 1) · R · (in + out)`` values a layer for n adapters (an embedding's or a convolution's
+adapters stack in any mixed batch). Counted as soon as it could be built, it makes ``max_bytes``
+a bound on all the memory adapters take, copies included; the stack actually built is shown
+apart in ``/metrics``.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import math
 import os
 import threading
 import time
@@ -38,9 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..adapter_memory import adapter_dtype_on, human_bytes
+from ..adapter_memory import human_bytes
 from ..errors import AdapterError, LorakitError
 from ..model import check_adapter_name
+from .adapter_bytes import stack_projection
 
 CONFIG_FILE = "adapter_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -72,73 +73,6 @@ class Entry:
     #: batch): what the layers' stacks hold for it (``stack_projection``)
     stacked: dict[str, tuple[int, int, bool]] = field(default_factory=dict)
     created: float = field(default_factory=time.time)
-
-
-def adapter_itemsize(model) -> int:
-    """Bytes of one adapter value on ``model``: the adapters' dtype on this base (float32 on a
-    half-precision or quantized one)."""
-    return adapter_dtype_on(model.get_input_embeddings().weight, None).itemsize
-
-
-def file_bytes(model, file) -> int:
-    """Bytes an adapter file's tensors take once attached to ``model``, ``numel · itemsize``
-    each (:func:`adapter_itemsize`)."""
-    return sum(math.prod(shape) for shape in file.shapes.values()) * adapter_itemsize(model)
-
-
-#: a batch of more adapters than this makes linear layers stack them (``MixedRows``)
-GROUPED_MAX_ADAPTERS = 4
-
-
-_STACKED_KEYS = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B")
-
-
-def stack_shapes(file, itemsize: int) -> dict[str, tuple[int, int, bool]]:
-    """Each module of an adapter file: (rank, bytes of A and B per unit of rank, whether its
-    layer stacks in any mixed batch: embeddings and convolutions), from the tensors' shapes."""
-    parts: dict[str, dict[str, tuple[int, ...]]] = {}
-    for key, shape in file.shapes.items():
-        for tag in _STACKED_KEYS:
-            if key.endswith(tag):
-                parts.setdefault(key[: -len(tag)], {})[tag] = tuple(shape)
-    out = {}
-    for module, found in parts.items():
-        embedding = ".lora_embedding_A" in found
-        a = found.get(".lora_embedding_A" if embedding else ".lora_A.weight")
-        b = found.get(".lora_embedding_B" if embedding else ".lora_B.weight")
-        if not a or not b or a[0] == 0:
-            continue
-        per_rank = (math.prod(a) + math.prod(b)) // a[0] * itemsize
-        out[module] = (a[0], per_rank, embedding or len(a) > 2)
-    return out
-
-
-def stack_projection(entries) -> int:
-    """The most bytes the layers' stacks of ``entries`` (the adapters in memory together) can
-    take: per module, (n + 1) slots of its largest rank; linear layers only past
-    ``GROUPED_MAX_ADAPTERS`` adapters."""
-    n = len(entries)
-    modules: dict[str, list] = {}
-    for entry in entries:
-        for module, (rank, per_rank, always) in entry.stacked.items():
-            found = modules.setdefault(module, [0, per_rank, always])
-            found[0] = max(found[0], rank)
-    return sum(
-        (n + 1) * rank * per_rank
-        for rank, per_rank, always in modules.values()
-        if always or n > GROUPED_MAX_ADAPTERS
-    )
-
-
-def stack_bytes(layers) -> int:
-    """Bytes of the stacked copies of all adapters that LoRA ``layers`` keep for mixed batches
-    of many adapters (``MixedRows.stacked``: A (n + 1, R, in) and B (n + 1, out, R) a layer)."""
-    total = 0
-    for layer in layers:
-        cached = layer._stack_cache
-        if cached is not None:
-            total += sum(t.numel() * t.element_size() for t in cached[1])
-    return total
 
 
 def _stamp(path: Path) -> tuple:
